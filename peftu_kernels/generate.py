@@ -1,0 +1,63 @@
+"""Greedy generation with a KV cache, and label scoring in one batched decoder pass."""
+from __future__ import annotations
+
+import torch
+
+from .t5 import T5
+
+
+@torch.no_grad()
+def greedy(model: T5, input_ids, attention_mask=None, max_new_tokens: int = 16, peft=None) -> torch.Tensor:
+    """New tokens (B, <= max_new_tokens), pad after each row's EOS, as HF's greedy `generate` gives them
+    (without the start token). Cross-attention keys/values are computed once per request."""
+    cfg = model.cfg
+    enc, mask = model.encode(input_ids, attention_mask, peft)
+    cache = model.new_cache(enc, mask, peft, max_new_tokens)
+    B = input_ids.shape[0]
+    tok = torch.full((B, 1), cfg.decoder_start_token_id, dtype=torch.long, device=input_ids.device)
+    done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
+    out = []
+    for _ in range(max_new_tokens):
+        nxt = model.decode(tok, enc, mask, peft, cache)[:, -1].argmax(-1)
+        nxt = nxt.masked_fill(done, cfg.pad_token_id)
+        out.append(nxt)
+        done |= nxt == cfg.eos_token_id
+        if bool(done.all()):
+            break
+        tok = nxt[:, None]
+    return torch.stack(out, 1)
+
+
+def pack_labels(labels: list[list[int]], device=None):
+    """Candidates packed side by side in one decoder row: inputs, targets, local positions and the
+    block-diagonal causal mask (each candidate sees only its own earlier tokens)."""
+    L = max(len(x) for x in labels)
+    C = len(labels)
+    tgt = torch.full((C, L), -100, dtype=torch.long)
+    for c, lab in enumerate(labels):
+        if not lab:
+            raise ValueError(f"label candidate {c} is empty")
+        tgt[c, :len(lab)] = torch.tensor(lab)
+    local = torch.arange(L).repeat(C)
+    block = torch.arange(C).repeat_interleave(L)
+    allowed = (block[None, :] == block[:, None]) & (local[None, :] <= local[:, None])
+    return tgt.to(device), local.to(device), allowed[None].to(device)
+
+
+@torch.no_grad()
+def score_labels(model: T5, input_ids, attention_mask, labels: list[list[int]], peft=None) -> torch.Tensor:
+    """(B, C) log-likelihood of each candidate label (token ids, EOS included if given) for each row.
+    All candidates share one decoder pass per row: no copies of the encoder output."""
+    cfg = model.cfg
+    enc, mask = model.encode(input_ids, attention_mask, peft)
+    tgt, local, allowed = pack_labels(labels, input_ids.device)
+    C, L = tgt.shape
+    dec_in = torch.full_like(tgt, cfg.pad_token_id)
+    dec_in[:, 0] = cfg.decoder_start_token_id
+    dec_in[:, 1:] = tgt[:, :-1].clamp(min=0)
+    B = input_ids.shape[0]
+    logits = model.decode(dec_in.reshape(1, -1).expand(B, -1), enc, mask, peft, positions=local, allowed=allowed)
+    logp = torch.log_softmax(logits.float(), -1).view(B, C, L, -1)
+    t = tgt.clamp(min=0)[None, :, :, None].expand(B, C, L, 1)
+    tok = logp.gather(-1, t).squeeze(-1) * (tgt != -100)
+    return tok.sum(-1)

@@ -1,0 +1,34 @@
+"""A T5-style Unigram tokenizer trained locally (for the embedded default): pad 0, eos 1, unk 2."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterable
+
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int = 4096, folder=None):
+    """Train a SentencePiece-style Unigram model; returns a `PreTrainedTokenizerFast` that appends </s>."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.Unigram())
+    tok.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Replace("\n", " ")])
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
+    tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
+    trainer = trainers.UnigramTrainer(vocab_size=vocab_size, special_tokens=["<pad>", "</s>", "<unk>"],
+                                      unk_token="<unk>", max_piece_length=16)
+    tok.train_from_iterator(texts, trainer)
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", pair="$A </s> $B </s>",
+                                                       special_tokens=[("</s>", 1)])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
+    assert (fast.pad_token_id, fast.eos_token_id, fast.unk_token_id) == (0, 1, 2)
+    if folder is not None:
+        fast.save_pretrained(str(folder))
+    return fast
+
+
+def load_tokenizer(folder):
+    from transformers import AutoTokenizer
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder}: no tokenizer folder")
+    return AutoTokenizer.from_pretrained(str(folder))
