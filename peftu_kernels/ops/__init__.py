@@ -1,0 +1,51 @@
+"""Multi-tenant ops behind one signature each, dispatched to a backend.
+
+Backends: "reference" (plain PyTorch, defines every op, the CPU path), "triton" and "cuda" (fast kernels,
+registered by their packages when importable). "auto" picks the fastest available for the tensors' device.
+Choose with the `backend=` argument of the engine or the PEFTU_BACKEND environment variable.
+"""
+from __future__ import annotations
+
+import os
+
+from . import reference
+
+OPS = ("lora", "ia3_scale", "adapter", "prompt_prepend", "prefix_gather")
+_BACKENDS: dict[str, dict] = {"reference": {name: getattr(reference, name) for name in OPS}}
+_LOADERS = {"triton": "peftu_kernels.triton", "cuda": "peftu_kernels.cuda"}
+
+
+def register(backend: str, table: dict) -> None:
+    unknown = set(table) - set(OPS)
+    if unknown:
+        raise ValueError(f"backend {backend!r} registers unknown ops {sorted(unknown)}")
+    _BACKENDS.setdefault(backend, {}).update(table)
+
+
+def _load(backend: str) -> dict:
+    if backend not in _BACKENDS and backend in _LOADERS:
+        import importlib
+        importlib.import_module(_LOADERS[backend])  # registers itself
+    if backend not in _BACKENDS:
+        raise ValueError(f"unknown or unavailable backend {backend!r}; known: reference, triton, cuda, auto")
+    return _BACKENDS[backend]
+
+
+def resolve(backend: str | None = None, device_type: str = "cpu") -> str:
+    backend = backend or os.environ.get("PEFTU_BACKEND", "auto")
+    if backend != "auto":
+        _load(backend)
+        return backend
+    if device_type == "cuda":
+        for b in ("triton", "cuda"):
+            try:
+                _load(b)
+                return b
+            except (ImportError, ValueError, RuntimeError, OSError):
+                continue
+    return "reference"
+
+
+def get(name: str, backend: str = "reference"):
+    """The op `name` of `backend`, falling back to the reference where the backend does not implement it."""
+    return _load(backend).get(name) or _BACKENDS["reference"][name]
