@@ -20,7 +20,7 @@ def peft_model(hf, config, seed):
     with torch.no_grad():  # PEFT initialises LoRA B to 0 and IA3 to 1: make every adapter change the output
         for n, p in m.named_parameters():
             if "lora_" in n:
-                p.copy_(torch.randn_like(p) * 0.3)
+                p.copy_(torch.randn_like(p) * 0.15)
             elif "ia3_l" in n:
                 p.copy_(1 + torch.randn_like(p) * 0.3)
             elif "prompt_encoder" in n:

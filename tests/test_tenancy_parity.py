@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from helpers import TOL, hf_twin
+from helpers import TOL, assert_rel_close, hf_twin
 from peft_users import PEFT_CFG, SingleAdapter, adapter_module, peft_configs, peft_model
 from peftu_kernels.config import T5Config
 from peftu_kernels.generate import greedy, score_labels
@@ -70,7 +70,7 @@ def test_mixed_batch_rows_equal_each_user_alone(world):
         got = ours(ids, dec, mask, peft=eng.batch(rows))
     for b, u in enumerate(rows):
         ref = oracle_logits(world, u, ids[b:b + 1], mask[b:b + 1], dec[b:b + 1])
-        torch.testing.assert_close(got[b:b + 1], ref, **TOL[torch.float32], msg=lambda m: f"row {b} user {u}: {m}")
+        assert_rel_close(got[b:b + 1], ref, msg=lambda m: f"row {b} user {u}: {m}")
 
 
 def test_batch_invariance_with_random_batch_mates(world):
@@ -79,7 +79,8 @@ def test_batch_invariance_with_random_batch_mates(world):
     g = torch.Generator().manual_seed(5)
     ids, mask, dec = batch(cfg, 1, seed=9)
     for target in users:
-        alone = ours(ids, dec, mask, peft=eng.batch([target]))
+        with torch.no_grad():
+            alone = ours(ids, dec, mask, peft=eng.batch([target]))
         for trial in range(2):
             mates = [users[int(i)] for i in torch.randint(0, len(users), (5,), generator=g)]
             pos = int(torch.randint(0, 6, (1,), generator=g))
@@ -88,7 +89,7 @@ def test_batch_invariance_with_random_batch_mates(world):
             o_ids[pos], o_mask[pos], o_dec[pos] = ids[0], mask[0], dec[0]
             with torch.no_grad():
                 got = ours(o_ids, o_dec, o_mask, peft=eng.batch(rows))
-            torch.testing.assert_close(got[pos:pos + 1], alone, **TOL[torch.float32])
+            assert_rel_close(got[pos:pos + 1], alone)
 
 
 def test_generation_and_label_scores_per_row_equal_user_alone(world):
@@ -127,7 +128,7 @@ def test_label_scores_match_peft(world):
             with torch.no_grad():
                 lg = oracles[u](input_ids=ids, attention_mask=mask, labels=t).logits
             ref = torch.log_softmax(lg, -1).gather(-1, t[..., None]).squeeze(-1).sum(-1)
-            torch.testing.assert_close(got[:, c], ref, **TOL[torch.float32])
+            assert_rel_close(got[:, c], ref)
 
 
 @pytest.mark.parametrize("name", ["lora_all_r7", "ia3", "prompt", "ptuning", "prefix"])
@@ -146,4 +147,4 @@ def test_peft_folder_round_trip(world, tmp_path, name):
     ids, mask, dec = batch(cfg, 2, seed=1)
     with torch.no_grad():
         got = pm(input_ids=ids, attention_mask=mask, decoder_input_ids=dec).logits
-    torch.testing.assert_close(got, oracle_logits(world, name, ids, mask, dec), **TOL[torch.float32])
+    assert_rel_close(got, oracle_logits(world, name, ids, mask, dec))

@@ -22,15 +22,18 @@ def _active(slots):
     return idx, slots[idx]
 
 
-def lora_shrink(x, A, slots):
-    """h[b] = x[b] @ A[s].T in fp32 -> (n_active, L, r); A (S, r, D_in)."""
-    return torch.bmm(x.float(), A[slots].float().transpose(1, 2))
+def lora_shrink(x, A, scale, slots):
+    """h[b] = scale[s] * x[b] @ A[s].T in fp32 -> (n_active, L, r); A (S, r, D_in). Scaling the narrow
+    intermediate costs T*r instead of T*D_out."""
+    return torch.bmm(x.float(), A[slots].float().transpose(1, 2)) * scale[slots].float()[:, None, None]
 
 
-def lora_expand(y, h, B, scale, rows, slots):
-    """y[b] += scale[s] * h @ B[s].T for the active rows (in place on a copy); B (S, D_out, r)."""
-    d = (torch.bmm(h, B[slots].float().transpose(1, 2)) * scale[slots].float()[:, None, None]).to(y.dtype)
-    return y + d if rows is None else y.index_add(0, rows, d)
+def lora_expand(y, h, B, rows, slots):
+    """y[b] += h[b] @ B[s].T for the active rows; B (S, D_out, r). Returns a new tensor."""
+    Bt = B[slots].float().transpose(1, 2)
+    if rows is None:
+        return torch.baddbmm(y.float(), h, Bt).to(y.dtype)  # one pass over y
+    return y.index_add(0, rows, torch.bmm(h, Bt).to(y.dtype))
 
 
 def lora(y, x, A, B, scale, slots):
@@ -40,7 +43,7 @@ def lora(y, x, A, B, scale, slots):
     if s.numel() == 0:
         return y
     xs = x if rows is None else x[rows]
-    return lora_expand(y, lora_shrink(xs, A, s), B, scale, rows, s)
+    return lora_expand(y, lora_shrink(xs, A, scale, s), B, rows, s)
 
 
 def ia3_scale(x, vec, slots):

@@ -7,7 +7,7 @@ Canonical tensor names (site = the HF module path in our T5):
   pfeiffer  same tensors                                               z = x + f; y = z + A(z)
             config: act (relu, swish, gelu, ...)
   prompt    prompt (P, D)                                              prompt tuning
-  ptuning   prompt (P, D), served like prompt tuning; encoder.* (its prompt encoder, for training)
+  ptuning   prompt (P, D), served like prompt tuning; prompt_encoder.* (its encoder, for training)
   prefix    {attention}.prefix_k (H, P, d_kv) .prefix_v                config: semantics ("peft")
 """
 from __future__ import annotations
@@ -40,10 +40,10 @@ class UserModule:
         return out
 
     def numel(self) -> int:
-        return sum(t.numel() for k, t in self.tensors.items() if not k.startswith("encoder."))
+        return sum(t.numel() for k, t in self.tensors.items() if not k.startswith("prompt_encoder."))
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for k, t in self.tensors.items() if not k.startswith("encoder."))
+        return sum(t.numel() * t.element_size() for k, t in self.tensors.items() if not k.startswith("prompt_encoder."))
 
     @property
     def bank(self) -> str:
@@ -85,7 +85,7 @@ def validate(mod: UserModule, model: T5, where: str = "module") -> None:
         if p is None or p.dim() != 2 or p.shape[1] != cfg.d_model or p.shape[0] < 1:
             _fail(where, f"needs 'prompt' of shape (P>=1, d_model={cfg.d_model}), got "
                          f"{None if p is None else tuple(p.shape)}")
-        extra = [k for k in mod.tensors if k != "prompt" and not k.startswith("encoder.")]
+        extra = [k for k in mod.tensors if k != "prompt" and not k.startswith("prompt_encoder.")]
         if extra:
             _fail(where, f"unexpected tensors {extra}")
         return
