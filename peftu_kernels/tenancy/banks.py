@@ -198,3 +198,41 @@ def make_bank(key: str, device, dtype) -> Bank:
     cls = {"lora": LoraBank, "ia3": IA3Bank, "houlsby": AdapterBank, "pfeiffer": AdapterBank,
            "prompt": PromptBank, "prefix": PrefixBank}[kind]
     return cls(key, device, dtype)
+
+
+def read_slot(bank: Bank, slot: int, like: UserModule) -> UserModule:
+    """The module in `slot`, in canonical form, with `like`'s names, shapes and config (the inverse of write)."""
+    t = {}
+    for k, v in like.tensors.items():
+        if isinstance(bank, LoraBank):
+            s, n = k.rsplit(".", 1)
+            r = v.shape[0] if n == "lora_A" else v.shape[1]
+            g = bank.sites[s]
+            t[k] = g["A"][slot, :r] if n == "lora_A" else g["B"][slot, :, :r]
+        elif isinstance(bank, IA3Bank):
+            s, n = k.rsplit(".", 1)
+            t[k] = bank.sites[s][n][slot]
+        elif isinstance(bank, AdapterBank):
+            s, n = k.rsplit(".", 1)
+            m = like.tensors[f"{s}.down"].shape[0]
+            g = bank.sites[s][n]
+            t[k] = {"down": lambda: g[slot, :m], "down_bias": lambda: g[slot, :m], "up": lambda: g[slot, :, :m],
+                    "up_bias": lambda: g[slot]}[n]()
+        elif isinstance(bank, PromptBank):
+            if k == "prompt":
+                t[k] = bank.prompts[slot, bank.prompts.shape[1] - v.shape[0]:]
+            else:
+                t[k] = v
+        elif isinstance(bank, PrefixBank):
+            s, n = k.rsplit(".", 1)
+            g = bank.sites[s][n.split("_")[1]]
+            t[k] = g[slot, :, g.shape[2] - v.shape[1]:]
+    return UserModule(like.method, {k: v.detach().clone().to(like.tensors[k].dtype) for k, v in t.items()},
+                      dict(like.config))
+
+
+def trainable(bank: Bank) -> list[torch.Tensor]:
+    """The bank's tensors a trainer optimises (slot dim first); sizes and scales are not parameters."""
+    if isinstance(bank, PromptBank):
+        return [bank.prompts]
+    return [t for g in bank.sites.values() for n, t in g.items() if n not in ("rank", "scale")]

@@ -1,0 +1,278 @@
+"""Multi-user training: many users' modules trained in one batched pass, each as if trained alone.
+
+Every step takes one mini-batch from each of several users; the loss is the sum of per-user mean token
+losses, so each user's gradient is its own; SlotAdamW keeps per-slot state, step counts and learning rates.
+Per user: its own data order (seeded by user), linear warm-up schedule, validation loss after each epoch,
+best-epoch checkpoint (atomic), optional early stopping. A killed run resumes from each user's last epoch.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from .init import user_generator
+from .io import load_tensors, save_json, save_tensors
+from .optim import SlotAdamW, linear_warmup
+from .t5 import T5
+from .tenancy import Engine, UserModule
+from .tenancy.banks import read_slot, trainable
+from .tenancy.store import load_user, save_user
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 8                 # the paper's settings by default
+    batch_size: int = 8
+    lr: float = 2e-5
+    weight_decay: float = 0.01
+    warmup_ratio: float = 0.1
+    max_grad_norm: float | None = 1.0
+    betas: tuple = (0.9, 0.999)
+    eps: float = 1e-8
+    seed: int = 42
+    users_per_step: int | None = None   # None: every unfinished user in every step
+    patience: int | None = None         # early stopping after this many epochs without a better val loss
+    eval_batch_size: int = 64
+
+
+Example = tuple[list[int], list[int]]  # (input ids, target ids)
+
+
+def collate(examples: list[Example], pad: int = 0, device="cpu"):
+    L = max(len(x) for x, _ in examples)
+    T = max(len(y) for _, y in examples)
+    ids = torch.full((len(examples), L), pad, dtype=torch.long)
+    lab = torch.full((len(examples), T), -100, dtype=torch.long)
+    for i, (x, y) in enumerate(examples):
+        ids[i, :len(x)], lab[i, :len(y)] = torch.tensor(x), torch.tensor(y)
+    return ids.to(device), (ids != pad).long().to(device), lab.to(device)
+
+
+def token_losses(model: T5, ids, mask, labels, peft):
+    """Per-row (sum of token losses, number of tokens)."""
+    logits = model(ids, model.shift_right(labels), mask, peft=peft)
+    ce = F.cross_entropy(logits.float().transpose(1, 2), labels, ignore_index=-100, reduction="none")
+    return ce.sum(1), (labels != -100).sum(1)
+
+
+class _User:
+    def __init__(self, name: str, train: list[Example], val: list[Example], cfg: TrainConfig):
+        self.name, self.train, self.val = name, train, val
+        self.steps_per_epoch = math.ceil(len(train) / cfg.batch_size)
+        self.total = self.steps_per_epoch * cfg.epochs
+        self.warmup = math.ceil(cfg.warmup_ratio * self.total)
+        self.epoch, self.pos, self.order = 0, 0, []
+        self.best, self.bad_epochs, self.done, self.history = float("inf"), 0, False, []
+
+    def next_batch(self, cfg: TrainConfig) -> list[Example]:
+        if self.pos == 0:  # a fresh, user-seeded order each epoch: the same alone or together
+            g = user_generator(f"{self.name}/epoch{self.epoch}", cfg.seed)
+            self.order = torch.randperm(len(self.train), generator=g).tolist()
+        idx = self.order[self.pos:self.pos + cfg.batch_size]
+        self.pos += len(idx)
+        return [self.train[i] for i in idx]
+
+
+class MultiUserTrainer:
+    def __init__(self, model: T5, cfg: TrainConfig, out_dir=None, backend: str | None = None, progress: bool = True):
+        self.model, self.cfg, self.backend, self.progress = model, cfg, backend, progress
+        self.out = Path(out_dir) if out_dir else None
+        for p in model.parameters():
+            p.requires_grad_(False)
+        self.device = next(model.parameters()).device
+
+    # --- checkpoints ------------------------------------------------------------------------------
+    def _dir(self, user):
+        return self.out / "users" / user
+
+    def _state(self, user) -> dict | None:
+        f = self._dir(user) / "state.json" if self.out else None
+        return json.loads(f.read_text()) if f and f.is_file() else None
+
+    def _save_epoch(self, u: _User, slot: int, eng: Engine, opt: SlotAdamW, like: UserModule, improved: bool):
+        if self.out is None:
+            return
+        d = self._dir(u.name)
+        bank = eng.banks[like.bank]
+        if improved:
+            save_user(d / "best", [self._read(bank, slot, like)])
+        raw = {f"p.{i}": t.detach()[slot].clone() for i, t in enumerate(self.params)}
+        raw.update({f"opt.{k}": v for k, v in opt.slot_state(slot).items()})
+        if like.method == "ptuning":
+            raw.update({f"enc.{k}": v.detach()[slot].clone() for k, v in self.enc_params.items()})
+        save_tensors(d / "current.safetensors", raw)
+        save_json(d / "state.json", {"epoch": u.epoch, "best": u.best, "bad_epochs": u.bad_epochs, "done": u.done,
+                                     "history": u.history, "config": asdict(self.cfg)})
+
+    def _restore(self, u: _User, slot: int, opt: SlotAdamW, st: dict) -> None:
+        raw = load_tensors(self._dir(u.name) / "current.safetensors")
+        with torch.no_grad():
+            for i, t in enumerate(self.params):
+                t[slot] = raw[f"p.{i}"].to(t.device, t.dtype)
+            for k, t in getattr(self, "enc_params", {}).items():
+                t[slot] = raw[f"enc.{k}"].to(t.device, t.dtype)
+        opt.load_slot_state(slot, {k[4:]: v for k, v in raw.items() if k.startswith("opt.")})
+        u.epoch, u.best, u.bad_epochs, u.history = st["epoch"], st["best"], st["bad_epochs"], st["history"]
+
+    # --- training ---------------------------------------------------------------------------------
+    def train(self, data: dict[str, dict[str, list[Example]]], init: dict[str, UserModule],
+              stop_after_steps: int | None = None) -> dict[str, UserModule]:
+        """data[user] = {"train": [...], "val": [...]}; init[user] = the user's fresh module (one method for
+        all users). Returns each user's best module (by validation loss). `stop_after_steps` simulates a kill."""
+        cfg = self.cfg
+        users = {n: _User(n, d["train"], d.get("val", []), cfg) for n, d in data.items() if d["train"]}
+        finished = {}
+        for n in list(users):
+            st = self._state(n)
+            if st and st.get("done"):
+                finished[n] = [m for m in load_user(self._dir(n) / "best")][0]
+                del users[n]
+        if not users:
+            return finished
+        eng = Engine(self.model, backend=self.backend)
+        for n in users:
+            eng.register(n, init[n])
+        like = {n: init[n] for n in users}
+        method = init[next(iter(users))].method
+        bank = eng.banks[init[next(iter(users))].bank]
+        slot = {n: eng.slots[n][bank.key] for n in users}
+        self.params = [t.requires_grad_(True) for t in trainable(bank)]
+        self._setup_ptuning(method, bank, init, slot)
+        opt = SlotAdamW(self.params + list(getattr(self, "enc_params", {}).values()), bank.slots, cfg.betas,
+                        cfg.eps, cfg.weight_decay)
+        for n, u in users.items():
+            st = self._state(n)
+            if st:
+                self._restore(u, slot[n], opt, st)
+        bar = self._bar(sum(u.total - u.epoch * u.steps_per_epoch for u in users.values()), len(finished), len(data))
+        step, seen, t0 = 0, 0, time.perf_counter()
+        active = [u for u in users.values() if u.epoch < cfg.epochs]
+        while active:
+            group = sorted(active, key=lambda u: u.epoch * u.steps_per_epoch + u.pos // cfg.batch_size)
+            group = group[: cfg.users_per_step or len(group)]
+            rows, examples, owners = [], [], []
+            for u in group:
+                b = u.next_batch(cfg)
+                examples += b
+                rows += [u.name] * len(b)
+                owners.append((u, len(b)))
+            ids, mask, lab = collate(examples, self.model.cfg.pad_token_id, self.device)
+            peft = eng.batch(rows)
+            self._ptuning_prompts(bank, [slot[u.name] for u in group])
+            s, n_tok = token_losses(self.model, ids, mask, lab, peft)
+            loss, i = 0.0, 0
+            for u, k in owners:  # the sum of per-user mean token losses
+                loss = loss + s[i:i + k].sum() / n_tok[i:i + k].sum().clamp(min=1)
+                i += k
+            loss.backward()
+            slots = torch.tensor([slot[u.name] for u in group])
+            if cfg.max_grad_norm:
+                opt.clip_(slots, cfg.max_grad_norm)
+            k = opt.steps[slots].tolist()
+            lrs = torch.tensor([cfg.lr * linear_warmup(k[j], u.total, u.warmup) for j, u in enumerate(group)])
+            opt.step(slots, lrs)
+            for p in opt.params:
+                p.grad = None
+            step += 1
+            seen += len(examples)
+            for u in group:
+                if u.pos >= len(u.train):
+                    self._end_epoch(u, eng, slot[u.name], opt, like[u.name], bank)
+            active = [u for u in users.values() if not u.done]
+            bar.update(len(group))
+            bar.set_postfix(users_done=len(finished) + sum(u.done for u in users.values()),
+                            ex_s=f"{seen / (time.perf_counter() - t0):.1f}", refresh=False)
+            if stop_after_steps is not None and step >= stop_after_steps:
+                bar.close()
+                raise KeyboardInterrupt(f"stopped after {step} steps (simulated kill)")
+        bar.close()
+        self.stats = {"steps": step, "examples": seen, "seconds": time.perf_counter() - t0}
+        for p in self.params:
+            p.requires_grad_(False)
+        out = dict(finished)
+        for n, u in users.items():
+            out[n] = load_user(self._dir(n) / "best")[0] if self.out else u.best_module
+        return out
+
+    @torch.no_grad()
+    def _val_loss(self, u: _User, eng: Engine) -> float:
+        if not u.val:
+            return float("nan")
+        tot, n = 0.0, 0
+        for i in range(0, len(u.val), self.cfg.eval_batch_size):
+            chunk = u.val[i:i + self.cfg.eval_batch_size]
+            ids, mask, lab = collate(chunk, self.model.cfg.pad_token_id, self.device)
+            s, k = token_losses(self.model, ids, mask, lab, eng.batch([u.name] * len(chunk)))
+            tot, n = tot + float(s.sum()), n + int(k.sum())
+        return tot / max(1, n)
+
+    def _end_epoch(self, u: _User, eng, slot, opt, like, bank):
+        u.pos, u.epoch = 0, u.epoch + 1
+        if self._enc is not None:
+            self._ptuning_prompts(bank, [slot])
+        vl = self._val_loss(u, eng)
+        improved = not (vl >= u.best)  # NaN (no val split) counts as better: the last epoch wins
+        u.history.append(vl)
+        if improved:
+            u.best, u.bad_epochs = vl, 0
+            if self.out is None:
+                u.best_module = self._read(bank, slot, like)
+        else:
+            u.bad_epochs += 1
+        u.done = u.epoch >= self.cfg.epochs or (self.cfg.patience is not None and u.bad_epochs >= self.cfg.patience)
+        self._save_epoch(u, slot, eng, opt, like, improved)
+
+    def _read(self, bank, slot, like: UserModule) -> UserModule:
+        mod = read_slot(bank, slot, like)
+        for k, t in getattr(self, "enc_params", {}).items():  # P-tuning: its trained encoder too
+            mod.tensors[f"prompt_encoder.{k}"] = t.detach()[slot].clone()
+        return mod
+
+    # --- P-tuning: per-user prompt encoders produce the prompts each step ----------------------------
+    _enc = None
+
+    def _setup_ptuning(self, method, bank, init, slot):
+        self._enc, self.enc_params = None, {}
+        if method != "ptuning":
+            return
+        from .ptuning import PromptEncoder
+        c = next(iter(init.values())).config
+        self._enc = PromptEncoder(c["num_virtual_tokens"], self.model.cfg.d_model, c["encoder_hidden_size"],
+                                  c["encoder_type"]).to(self.device)
+        S = bank.slots
+        names = [k for k, _ in self._enc.named_parameters()]
+        self.enc_params = {k: torch.zeros(S, *dict(self._enc.named_parameters())[k].shape, device=self.device)
+                           for k in names}
+        with torch.no_grad():
+            for n, s in slot.items():
+                for k in names:
+                    self.enc_params[k][s] = init[n].tensors[f"prompt_encoder.{k}"]
+        for t in self.enc_params.values():
+            t.requires_grad_(True)
+        self.params = []  # the served prompt is an output, not a parameter
+        bank.prompts.requires_grad_(False)
+        self._base_prompts = bank.prompts
+
+    def _ptuning_prompts(self, bank, slots: list[int]):
+        if self._enc is None:
+            return
+        from torch.func import functional_call
+        out = [functional_call(self._enc, {k: v[s] for k, v in self.enc_params.items()}, ()) for s in slots]
+        idx = torch.tensor(slots, device=self.device)
+        P = out[0].shape[0]
+        base = self._base_prompts.detach()
+        bank.prompts = base.index_put((idx,), torch.nn.functional.pad(torch.stack(out), (0, 0, base.shape[1] - P, 0)))
+        with torch.no_grad():
+            self._base_prompts[idx] = bank.prompts[idx].detach()
+
+    def _bar(self, total, done, n_users):
+        from tqdm.auto import tqdm
+        import sys
+        return tqdm(total=total, desc=f"train {n_users} users", unit="user-step", disable=not self.progress,
+                    mininterval=0.5 if sys.stderr.isatty() else 30, dynamic_ncols=True, initial=0)
