@@ -1,0 +1,99 @@
+"""The base model: the embedded default (a tiny T5 + tokenizer trained here into a non-personalised global
+model, cached) or a Hugging Face checkpoint (folder or hub id) used as it is."""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import random
+from pathlib import Path
+
+import torch
+
+from peftu_kernels import T5, T5Config, load_pretrained, load_tokenizer, save_pretrained, train_tokenizer
+from peftu_kernels.optim import linear_warmup
+from peftu_kernels.train import collate, token_losses
+
+from .data import build_prompts, split_users
+
+GLOBAL = dict(vocab=4096, examples_per_task=1500, epochs=3, batch=32, lr=2e-3, max_len=160, seed=42)
+
+
+def _key(tasks, cfg: T5Config, g: dict) -> str:
+    sig = {"tasks": {n: [t.n_annotations, len(t.users)] for n, t in sorted(tasks.items())}, "cfg": cfg.to_hf(),
+           "global": g, "v": 2}
+    return hashlib.sha256(json.dumps(sig, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def pooled_examples(tasks, per_task: int, seed: int):
+    """Training splits of every user of every task, sampled evenly per task; half zero-shot prompts
+    (instruction + text), half the paper's few-shot prompts, so both baselines see their format."""
+    rng = random.Random(seed)
+    out = []
+    for name, t in sorted(tasks.items()):
+        parts = split_users(t.users)
+        rows = []
+        for u, p in parts.items():
+            pr = build_prompts(t, t.users[u], p, seed)["train"]
+            for sid, few, target in pr:
+                zero = f"{t.instruction} Text: {t.users[u][sid]['text']} Label: "
+                rows.append((zero, few, target))
+        for zero, few, target in rng.sample(rows, min(per_task, len(rows))):
+            out.append((zero if rng.random() < 0.5 else few, target))
+    rng.shuffle(out)
+    return out
+
+
+def embedded_default(tasks: dict, cache_dir: Path, device="cpu", progress=True, g: dict | None = None):
+    """-> (model, tokenizer, info). Built once per (data, config, seed) and reused from cache_dir."""
+    g = {**GLOBAL, **(g or {})}
+    cfg = T5Config.from_name("tiny", vocab_size=g["vocab"])
+    folder = Path(cache_dir) / f"global-{_key(tasks, cfg, g)}"
+    info = {"model": "embedded default (tiny T5 trained here)", "cache": str(folder), "global": g}
+    if (folder / "model.safetensors").is_file() and (folder / "tokenizer.json").is_file():
+        return load_pretrained(folder, device=device).eval(), load_tokenizer(folder), {**info, "cached": True}
+    data = pooled_examples(tasks, g["examples_per_task"], g["seed"])
+    texts = [x for x, _ in data] + [y for _, y in data] + [t.instruction for t in tasks.values()]
+    tok = train_tokenizer(texts, vocab_size=g["vocab"])
+    cfg = T5Config.from_name("tiny", vocab_size=len(tok))
+    torch.manual_seed(g["seed"])
+    model = T5.from_config(cfg, seed=g["seed"]).to(device)
+    with torch.no_grad():  # HF-scale init is for deep models; a smaller embedding scale trains faster here
+        model.shared.weight.mul_(0.1)
+    enc = tok([x for x, _ in data]).input_ids
+    lab = tok([y for _, y in data]).input_ids
+    ex = [(x[-g["max_len"]:], y[:32]) for x, y in zip(enc, lab)]
+    steps = g["epochs"] * math.ceil(len(ex) / g["batch"])
+    opt = torch.optim.AdamW(model.parameters(), lr=g["lr"], weight_decay=0.01)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: linear_warmup(s, steps, steps // 20))
+    from tqdm.auto import tqdm
+    bar = tqdm(total=steps, desc="global model", disable=not progress, mininterval=1)
+    rng = random.Random(g["seed"])
+    model.train()
+    for _ in range(g["epochs"]):
+        order = list(range(len(ex)))
+        rng.shuffle(order)
+        for i in range(0, len(order), g["batch"]):
+            ids, mask, y = collate([ex[j] for j in order[i:i + g["batch"]]], device=device)
+            s, n = token_losses(model, ids, mask, y, None)
+            loss = s.sum() / n.sum()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            sched.step()
+            opt.zero_grad()
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
+    bar.close()
+    model.eval()
+    save_pretrained(model, folder)
+    tok.save_pretrained(str(folder))
+    return model, tok, {**info, "cached": False, "global_examples": len(ex), "global_steps": steps}
+
+
+def from_checkpoint(name_or_path, device="cpu", dtype=torch.float32):
+    from transformers import AutoTokenizer
+    model = load_pretrained(name_or_path, dtype=dtype, device=device).eval()
+    from peftu_kernels.checkpoint import resolve
+    tok = AutoTokenizer.from_pretrained(str(resolve(name_or_path)))
+    return model, tok, {"model": str(name_or_path)}

@@ -1,0 +1,106 @@
+"""python -m bench_suite.run: the PEFT-U benchmark (quality against throughput and memory).
+
+With no arguments it runs the embedded default (a tiny T5 trained here on the tasks, a few users per task,
+every method) in about 20 minutes on 2 CPU cores. --full runs every task, every user, the paper's settings.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from benchmarks.common import environment
+
+from . import report
+from .data import ALL_TASKS, MissingData, available, data_root
+from .methods import ALL_METHODS, BASELINES, run_baseline, run_peft
+from .model import embedded_default, from_checkpoint
+from .workload import prepare, tokenize
+
+
+def parse(argv=None):
+    ap = argparse.ArgumentParser(prog="python -m bench_suite.run", description=__doc__.splitlines()[0])
+    ap.add_argument("--tasks", default=None, help=f"comma-separated (default: every available one of {ALL_TASKS})")
+    ap.add_argument("--methods", default=None, help=f"comma-separated (default: {','.join(ALL_METHODS)})")
+    ap.add_argument("--model", default=None, help="HF checkpoint folder or hub id (default: the embedded tiny T5)")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--backend", default=None, help="reference | triton | cuda | auto (default: PEFTU_BACKEND or auto)")
+    ap.add_argument("--data-dir", default=None, help="data root (default: $PEFTU_DATA, then ../shared/data)")
+    ap.add_argument("--out", default="runs/default", help="output folder (reused: finished parts are kept)")
+    ap.add_argument("--cache", default=None, help="model cache folder (default: <out>/../cache)")
+    ap.add_argument("--full", action="store_true", help="every task, every user, the paper's settings")
+    ap.add_argument("--users-per-task", type=int, default=6)
+    ap.add_argument("--max-train", type=int, default=48, help="train examples per user (embedded default)")
+    ap.add_argument("--epochs", type=int, default=8)
+    ap.add_argument("--max-len", type=int, default=160)
+    ap.add_argument("--max-new-tokens", type=int, default=12)
+    ap.add_argument("--eval-batch", type=int, default=64)
+    ap.add_argument("--users-per-step", type=int, default=None)
+    ap.add_argument("--global-examples-per-task", type=int, default=None)
+    ap.add_argument("--no-progress", action="store_true")
+    a = ap.parse_args(argv)
+    if a.full:
+        a.users_per_task, a.max_train, a.max_len, a.max_new_tokens = None, None, 512, 128
+    a.progress = not a.no_progress
+    return a
+
+
+def main(argv=None):
+    a = parse(argv)
+    t_start = time.perf_counter()
+    out = Path(a.out)
+    (out / "parts").mkdir(parents=True, exist_ok=True)
+    methods = a.methods.split(",") if a.methods else ALL_METHODS
+    bad = [m for m in methods if m not in ALL_METHODS]
+    if bad:
+        raise SystemExit(f"unknown method(s) {bad}; known: {ALL_METHODS}")
+    loaded = available(a.data_dir, a.tasks.split(",") if a.tasks else None)
+    notes = [f"{n}: not run ({e})" for n, e in loaded.items() if isinstance(e, MissingData)]
+    tasks = {n: t for n, t in loaded.items() if not isinstance(t, MissingData)}
+    notes += [f"{n} is partial: {t.partial}" for n, t in tasks.items() if t.partial]
+    if not tasks:
+        raise SystemExit("no task could be loaded; " + "; ".join(notes))
+    if a.model:
+        model, tok, minfo = from_checkpoint(a.model, a.device)
+    else:
+        g = {"examples_per_task": a.global_examples_per_task} if a.global_examples_per_task else None
+        model, tok, minfo = embedded_default(tasks, Path(a.cache or out.parent / "cache"), a.device, a.progress, g)
+    env = {**environment(a.device), "model": minfo["model"], "data_root": str(data_root(a.data_dir)),
+           "settings": {k: v for k, v in vars(a).items() if k not in ("progress",)}}
+    run_key = json.dumps({"model": minfo.get("cache", minfo["model"]), **{k: getattr(a, k) for k in (
+        "users_per_task", "max_train", "epochs", "max_len", "max_new_tokens", "full")}}, sort_keys=True)
+    rows = []
+    for name, task in tasks.items():
+        users = prepare(task, a.users_per_task, a.max_train)
+        if not users:
+            notes.append(f"{name}: no user with train and test data")
+            continue
+        tokenize(users, tok, a.max_len, truncate_left=not a.full)
+        for m in methods:
+            part = out / "parts" / f"{name}__{m}.json"
+            if part.is_file() and json.loads(part.read_text()).get("run_key") == run_key:
+                rows.append(json.loads(part.read_text())["row"])  # finished earlier: reused
+                continue
+            print(f"[{name}] {m}: {len(users)} users", flush=True)
+            if m in BASELINES:
+                oc = run_baseline(m, model, tok, task, users, a)
+            else:
+                oc = run_peft(m, model, tok, task, users, a, out / "train" / name / m)
+            row = {"task": name, "method": m, "partial": bool(task.partial), **oc.row(),
+                   "per_user": oc.per_user}
+            part.write_text(json.dumps({"run_key": run_key, "row": row}))
+            rows.append(row)
+    report.write_jsonl(out / "results.jsonl", rows, env)
+    md = report.summary_md(rows, methods, env, notes)
+    (out / "summary.md").write_text(md)
+    report.plot(rows, methods, out / "quality_vs_throughput.png")
+    print(md)
+    print(f"wrote {out / 'results.jsonl'}, {out / 'summary.md'}, {out / 'quality_vs_throughput.png'} "
+          f"in {time.perf_counter() - t_start:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
