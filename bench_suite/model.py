@@ -16,7 +16,7 @@ from peftu_kernels.train import collate, token_losses
 
 from .data import build_prompts, split_users
 
-GLOBAL = dict(vocab=4096, examples_per_task=1500, epochs=3, batch=32, lr=2e-3, max_len=160, seed=42)
+GLOBAL = dict(vocab=4096, examples_per_task=600, epochs=2, batch=32, lr=2e-3, max_len=96, seed=42)
 
 
 def _key(tasks, cfg: T5Config, g: dict) -> str:

@@ -36,7 +36,7 @@ def lora_expand(y, h, B, rows, slots):
     return y.index_add(0, rows, torch.bmm(h, Bt).to(y.dtype))
 
 
-def lora(y, x, A, B, scale, slots):
+def lora(y, x, A, B, scale, slots, rank=None, seg=None):
     """Semantics: `y[b] + scale[s] * (x[b] @ A[s].T) @ B[s].T` where `s = slots[b]`, rows with s < 0 unchanged.
     Mixed ranks are zero-padded to A's r (exact: padded rows/cols contribute 0)."""
     rows, s = _active(slots)
@@ -46,7 +46,7 @@ def lora(y, x, A, B, scale, slots):
     return lora_expand(y, lora_shrink(xs, A, scale, s), B, rows, s)
 
 
-def ia3_scale(x, vec, slots):
+def ia3_scale(x, vec, slots, seg=None):
     """Semantics: `x[b] * vec[s]` (per feature), rows with s < 0 unchanged; vec (S, D)."""
     v = torch.ones(slots.shape[0], x.shape[-1], dtype=x.dtype, device=x.device)
     on = slots >= 0
@@ -54,7 +54,7 @@ def ia3_scale(x, vec, slots):
     return x * v[:, None, :]
 
 
-def adapter(h, residual, down, down_bias, up, up_bias, act: str, slots):
+def adapter(h, residual, down, down_bias, up, up_bias, act: str, slots, seg=None):
     """Bottleneck adapter. Semantics: `residual[b] + up[s] @ act(down[s] @ h[b] + down_bias[s]) + up_bias[s]`;
     rows with s < 0: residual unchanged. down (S, m, D), down_bias (S, m), up (S, D, m), up_bias (S, D)."""
     rows, s = _active(slots)

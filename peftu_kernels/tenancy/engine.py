@@ -145,15 +145,16 @@ class PeftBatch:
         m = self.meta
         ia3 = self.banks["ia3"].sites.get(site) if m.has("ia3") else None
         if ia3 is not None and "ia3_in" in ia3:
-            x_in = self.op["ia3_scale"](x, ia3["ia3_in"], m.slots["ia3"])
+            x_in = self.op["ia3_scale"](x, ia3["ia3_in"], m.slots["ia3"], seg=m.segments["ia3"])
         else:
             x_in = x
         y = F.linear(x_in, weight)
         if ia3 is not None and "ia3_out" in ia3:
-            y = self.op["ia3_scale"](y, ia3["ia3_out"], m.slots["ia3"])
+            y = self.op["ia3_scale"](y, ia3["ia3_out"], m.slots["ia3"], seg=m.segments["ia3"])
         lora = self.banks["lora"].sites.get(site) if m.has("lora") else None
         if lora is not None:
-            y = self.op["lora"](y, x, lora["A"], lora["B"], lora["scale"], m.slots["lora"])
+            y = self.op["lora"](y, x, lora["A"], lora["B"], lora["scale"], m.slots["lora"], rank=lora["rank"],
+                                seg=m.segments["lora"])
         return y
 
     def residual(self, site: str, x, f):
@@ -165,7 +166,7 @@ class PeftBatch:
                 continue
             h = f if bank.placement == "houlsby" else out
             out = self.op["adapter"](h, out, g["down"], g["down_bias"], g["up"], g["up_bias"], bank.act,
-                                     self.meta.slots[key])
+                                     self.meta.slots[key], seg=self.meta.segments[key])
         return out
 
     def prompt(self, x, mask):

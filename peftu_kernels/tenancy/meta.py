@@ -15,6 +15,15 @@ class Segments:
     slot: torch.Tensor
 
 
+def make_segments(slots: torch.Tensor) -> Segments:
+    """Sort rows by slot (stable) and cut them into one segment per distinct slot; rows < 0 left out."""
+    order = torch.argsort(slots, stable=True)
+    order = order[slots[order] >= 0]
+    uniq, counts = torch.unique_consecutive(slots[order], return_counts=True)
+    starts = torch.cat([torch.zeros(1, dtype=torch.long, device=slots.device), counts.cumsum(0)])
+    return Segments(order, starts, uniq)
+
+
 @dataclass(frozen=True)
 class BatchMeta:
     slots: dict[str, torch.Tensor]        # bank key -> (B,) long, -1 = this row has no module there
@@ -27,12 +36,8 @@ class BatchMeta:
         slots, segs = {}, {}
         for k in keys:
             s = torch.tensor([r.get(k, -1) for r in per_row], dtype=torch.long)
-            order = torch.argsort(s, stable=True)
-            order = order[s[order] >= 0]
-            uniq, counts = torch.unique_consecutive(s[order], return_counts=True)
-            starts = torch.cat([torch.zeros(1, dtype=torch.long), counts.cumsum(0)])
             slots[k] = s.to(device)
-            segs[k] = Segments(order.to(device), starts.to(device), uniq.to(device))
+            segs[k] = make_segments(s.to(device))
         return cls(slots, segs, len(per_row))
 
     def has(self, key: str) -> bool:

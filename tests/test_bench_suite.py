@@ -1,0 +1,44 @@
+"""The CLI end to end on a very small slice; the report files agree with each other."""
+import json
+import re
+
+import pytest
+
+from bench_suite import run
+from bench_suite.data.core import data_root
+
+pytestmark = pytest.mark.skipif(not (data_root() / "peftu").is_dir(), reason=f"shared data not found at {data_root()}")
+
+
+def test_cli_small_slice_end_to_end(tmp_path, capsys):
+    args = ["--tasks", "tweeteval", "--methods", "majority,ia3", "--users-per-task", "3", "--max-train", "16",
+            "--epochs", "1", "--max-len", "64", "--max-new-tokens", "4", "--global-examples-per-task", "200",
+            "--out", str(tmp_path / "out"), "--no-progress"]
+    run.main(args)
+    printed = capsys.readouterr().out
+    out = tmp_path / "out"
+    rows = [json.loads(x) for x in open(out / "results.jsonl")]
+    assert {r["method"] for r in rows} == {"majority", "ia3"} and all(r["task"] == "tweeteval" for r in rows)
+    assert (out / "quality_vs_throughput.png").stat().st_size > 1000
+    md = (out / "summary.md").read_text()
+    assert md.strip() in printed  # the terminal shows what the file holds
+    for r in rows:
+        assert 0 <= r["accuracy"] <= 100 and r["n_users"] == 3 and "device" in r["env"]
+        cell = re.search(rf"\| tweeteval \| (.*) \|", md).group(1).split(" | ")
+        assert f"{r['accuracy']:.1f}" in cell
+    # the majority baseline equals a direct count on the same users and splits
+    from bench_suite.data import load_task
+    from bench_suite.workload import prepare
+    task = load_task("tweeteval")
+    users = prepare(task, 3, 16)
+    maj = next(r for r in rows if r["method"] == "majority")
+    for ud in users:
+        train = [task.users[ud.user][sid]["label"][0] for sid, _, _ in ud.prompts["train"]]
+        top = max(sorted(set(train)), key=train.count)
+        test = [task.users[ud.user][sid]["label"][0] for sid, _, _ in ud.prompts["test"]]
+        assert maj["per_user"][ud.user] == pytest.approx(sum(t == top for t in test) / len(test))
+    assert (out / "train" / "tweeteval" / "ia3" / "users").is_dir()
+    # a second run reuses the finished parts
+    run.main(args)
+    again = [json.loads(x) for x in open(out / "results.jsonl")]
+    assert [r["accuracy"] for r in again] == [r["accuracy"] for r in rows]

@@ -1,0 +1,63 @@
+"""The whole model with the Triton backend equals the reference backend (interpreter on CPU)."""
+import pytest
+import torch
+
+pytest.importorskip("triton", reason="triton is not installed")
+
+from helpers import hf_twin  # noqa: E402
+from peft_users import PEFT_CFG, adapter_module  # noqa: E402
+from peftu_kernels.config import T5Config  # noqa: E402
+from peftu_kernels.generate import greedy  # noqa: E402
+from peftu_kernels.init import new_module  # noqa: E402
+from peftu_kernels.tenancy import Engine  # noqa: E402
+from peftu_kernels.train import MultiUserTrainer, TrainConfig  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def setup():
+    cfg = T5Config(**PEFT_CFG)
+    _, model = hf_twin(cfg, seed=21)
+    mods = {"lora": new_module(model, "lora", "a", r=4, alpha=8, targets=("q", "v", "wo")),
+            "ia3": new_module(model, "ia3", "b"),
+            "houlsby": adapter_module(cfg, "houlsby", 5, "silu", 4),
+            "pfeiffer": adapter_module(cfg, "pfeiffer", 3, "relu", 5)}
+    with torch.no_grad():
+        mods["lora"].tensors = {k: torch.randn_like(v) * 0.2 for k, v in mods["lora"].tensors.items()}
+        mods["ia3"].tensors = {k: 1 + torch.randn_like(v) * 0.2 for k, v in mods["ia3"].tensors.items()}
+    engines = {}
+    for b in ("reference", "triton"):
+        engines[b] = Engine(model, backend=b)
+        for name, m in mods.items():
+            engines[b].register(name, m)
+    return cfg, model, engines
+
+
+def test_forward_and_greedy_equal_reference(setup):
+    cfg, model, engines = setup
+    rows = ["lora", None, "houlsby", "ia3", "pfeiffer", "lora"]
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, cfg.vocab_size, (6, 7), generator=g)
+    dec = torch.randint(3, cfg.vocab_size, (6, 3), generator=g)
+    with torch.no_grad():
+        ref = model(ids, dec, peft=engines["reference"].batch(rows))
+        got = model(ids, dec, peft=engines["triton"].batch(rows))
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+    assert torch.equal(greedy(model, ids, None, 4, peft=engines["triton"].batch(rows)),
+                       greedy(model, ids, None, 4, peft=engines["reference"].batch(rows)))
+
+
+@pytest.mark.parametrize("method", ["lora", "houlsby", "ia3"])
+def test_training_on_triton_backward_equals_reference(setup, method):
+    cfg, model, _ = setup
+    g = torch.Generator().manual_seed(1)
+    data = {f"u{i}": {"train": [(torch.randint(3, cfg.vocab_size, (5,), generator=g).tolist() + [1], [7, 1])
+                                for _ in range(3 + i)], "val": []} for i in range(3)}
+    tc = TrainConfig(epochs=1, batch_size=2, lr=5e-2, warmup_ratio=0.0)
+    hp = {"lora": dict(r=3, alpha=6), "houlsby": dict(reduction_factor=9), "ia3": {}}[method]
+    out = {}
+    for b in ("reference", "triton"):
+        init = {u: new_module(model, method, u, **hp) for u in data}
+        out[b] = MultiUserTrainer(model, tc, backend=b, progress=False).train(data, init)
+    for u in data:
+        for k, v in out["reference"][u].tensors.items():
+            torch.testing.assert_close(out["triton"][u].tensors[k], v, rtol=1e-4, atol=1e-4 * float(v.abs().max()))
