@@ -52,7 +52,8 @@ def test_training_on_triton_backward_equals_reference(setup, method):
     g = torch.Generator().manual_seed(1)
     data = {f"u{i}": {"train": [(torch.randint(3, cfg.vocab_size, (5,), generator=g).tolist() + [1], [7, 1])
                                 for _ in range(3 + i)], "val": []} for i in range(3)}
-    tc = TrainConfig(epochs=1, batch_size=2, lr=5e-2, warmup_ratio=0.0)
+    # eps=1e-3: Adam's g / sqrt(v) is singular for gradients near 0, which fp32 reordering then flips
+    tc = TrainConfig(epochs=1, batch_size=2, lr=5e-2, warmup_ratio=0.0, eps=1e-3)
     hp = {"lora": dict(r=3, alpha=6), "houlsby": dict(reduction_factor=9), "ia3": {}}[method]
     out = {}
     for b in ("reference", "triton"):
@@ -60,4 +61,6 @@ def test_training_on_triton_backward_equals_reference(setup, method):
         out[b] = MultiUserTrainer(model, tc, backend=b, progress=False).train(data, init)
     for u in data:
         for k, v in out["reference"][u].tensors.items():
+            moved = float((v - init[u].tensors[k]).abs().max())
+            assert moved > 1e-3, f"{method} {k} did not train"
             torch.testing.assert_close(out["triton"][u].tensors[k], v, rtol=1e-4, atol=1e-4 * float(v.abs().max()))
