@@ -66,8 +66,8 @@ def embedded_default(tasks: dict, cache_dir: Path, device="cpu", progress=True, 
     steps = g["epochs"] * math.ceil(len(ex) / g["batch"])
     opt = torch.optim.AdamW(model.parameters(), lr=g["lr"], weight_decay=0.01)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: linear_warmup(s, steps, steps // 20))
-    from tqdm.auto import tqdm
-    bar = tqdm(total=steps, desc="global model", disable=not progress, mininterval=1)
+    from peftu_kernels.progress import progress as make_bar
+    bar = make_bar(steps, "global model", progress)
     rng = random.Random(g["seed"])
     model.train()
     for _ in range(g["epochs"]):

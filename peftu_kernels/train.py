@@ -272,7 +272,5 @@ class MultiUserTrainer:
             self._base_prompts[idx] = bank.prompts[idx].detach()
 
     def _bar(self, total, done, n_users):
-        from tqdm.auto import tqdm
-        import sys
-        return tqdm(total=total, desc=f"train {n_users} users", unit="user-step", disable=not self.progress,
-                    mininterval=0.5 if sys.stderr.isatty() else 30, dynamic_ncols=True, initial=0)
+        from .progress import progress
+        return progress(total, f"train {n_users} users", self.progress)

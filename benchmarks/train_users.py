@@ -1,0 +1,136 @@
+"""Training throughput: many users at once vs one after another (ours) vs HF PEFT one user at a time.
+
+python -m benchmarks.train_users [--task tweeteval] [--users 8] [--method lora] [--epochs 4]
+Same base model (the embedded default's global model, or --shape for random weights of a real shape),
+same users, same data order and hyper-parameters. Reports examples/s, the ratios, and each way's
+accuracy on the users' test splits (PEFT-U's metric) to show the speed costs no quality.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import math
+import time
+from pathlib import Path
+
+import torch
+
+from bench_suite.data import load_task, user_accuracy
+from bench_suite.methods import SMALL_HP, SMALL_LR
+from bench_suite.model import embedded_default
+from bench_suite.workload import prepare, tokenize
+from benchmarks.common import environment, table, write_jsonl
+from peftu_kernels.generate import greedy
+from peftu_kernels.init import new_module, user_generator
+from peftu_kernels.tenancy import Engine
+from peftu_kernels.train import MultiUserTrainer, TrainConfig, collate
+
+
+def hf_twin(model):
+    import transformers
+    hcfg = transformers.T5Config(**{k: v for k, v in model.cfg.to_hf().items() if k != "architectures"})
+    hf = transformers.T5ForConditionalGeneration(hcfg)
+    state = {k: v for k, v in model.state_dict().items() if k != "lm_head.weight"}
+    hf.load_state_dict(state, strict=False)
+    if model.lm_head is not None:
+        hf.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach().clone())
+    return hf.eval()
+
+
+def hf_peft_one_user(hf, train, cfg: TrainConfig, user: str, hp: dict, init):
+    """The paper's protocol for one user: a PEFT LoRA model, AdamW, linear warm-up, batch 8, epochs."""
+    import peft
+    from transformers import get_linear_schedule_with_warmup
+    pc = peft.LoraConfig(task_type="SEQ_2_SEQ_LM", r=hp["r"], lora_alpha=hp["alpha"], target_modules=list(hp["targets"]))
+    pm = peft.get_peft_model(copy.deepcopy(hf), pc)
+    with torch.no_grad():  # the same initial weights as ours
+        for n, p in pm.named_parameters():
+            if "lora_" in n:
+                site = n.split("base_model.model.")[1].rsplit(".lora_", 1)[0]
+                key = f"{site}.lora_A" if ".lora_A." in n else f"{site}.lora_B"
+                p.copy_(init.tensors[key])
+    params = [p for p in pm.parameters() if p.requires_grad]
+    steps = math.ceil(len(train) / cfg.batch_size)
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    sched = get_linear_schedule_with_warmup(opt, math.ceil(cfg.warmup_ratio * steps * cfg.epochs), steps * cfg.epochs)
+    pm.train()
+    for epoch in range(cfg.epochs):
+        order = torch.randperm(len(train), generator=user_generator(f"{user}/epoch{epoch}", cfg.seed)).tolist()
+        for i in range(0, len(train), cfg.batch_size):
+            ids, mask, lab = collate([train[j] for j in order[i:i + cfg.batch_size]])
+            pm(input_ids=ids, attention_mask=mask, labels=lab).loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+            opt.step()
+            sched.step()
+            opt.zero_grad()
+    return pm.eval()
+
+
+def accuracy(task, users, predict) -> float:
+    accs = []
+    for ud in users:
+        ids, mask, _ = collate([t for t in ud.tokens["test"]])
+        outs = predict(ud, ids, mask)
+        accs.append(user_accuracy(outs, [ud.gold[sid] for sid, _, _ in ud.prompts["test"]], task.labels))
+    return 100 * sum(accs) / len(accs)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--task", default="tweeteval")
+    ap.add_argument("--users", type=int, default=8)
+    ap.add_argument("--method", default="lora")
+    ap.add_argument("--epochs", type=int, default=4)
+    ap.add_argument("--max-train", type=int, default=48)
+    ap.add_argument("--max-len", type=int, default=96)
+    ap.add_argument("--cache", default="runs/cache")
+    ap.add_argument("--no-hf", action="store_true")
+    ap.add_argument("--out", default="results/train_users.jsonl")
+    a = ap.parse_args(argv)
+    task = load_task(a.task)
+    model, tok, _ = embedded_default({a.task: task}, Path(a.cache), progress=False)
+    users = prepare(task, a.users, a.max_train)
+    tokenize(users, tok, a.max_len, truncate_left=True)
+    hp = SMALL_HP.get(a.method, {})
+    cfg = TrainConfig(epochs=a.epochs, batch_size=8, lr=SMALL_LR[a.method])
+    data = {ud.user: {"train": ud.tokens["train"], "val": []} for ud in users}
+    n_ex = sum(len(d["train"]) for d in data.values()) * cfg.epochs
+    init = {u: new_module(model, a.method, u, 42, **hp) for u in data}
+    res = {}
+    t0 = time.perf_counter()
+    together = MultiUserTrainer(model, cfg, progress=False).train(data, init)
+    res["multi-user (ours)"] = (time.perf_counter() - t0, together)
+    t0 = time.perf_counter()
+    alone = {}
+    for u in data:
+        alone.update(MultiUserTrainer(model, cfg, progress=False).train({u: data[u]}, {u: init[u]}))
+    res["one at a time (ours)"] = (time.perf_counter() - t0, alone)
+    dec = lambda g: tok.batch_decode(g, skip_special_tokens=True)
+
+    def ours_acc(mods):
+        eng = Engine(model)
+        for u, m in mods.items():
+            eng.register(u, m)
+        return accuracy(task, users, lambda ud, ids, mask: dec(greedy(model, ids, mask, 8, peft=eng.batch([ud.user] * len(ids)))))
+    rows = [{"way": k, "seconds": s, "examples_per_s": n_ex / s, "accuracy": ours_acc(m)} for k, (s, m) in res.items()]
+    if not a.no_hf and a.method == "lora":
+        hf = hf_twin(model)
+        t0 = time.perf_counter()
+        pms = {u: hf_peft_one_user(hf, data[u]["train"], cfg, u, hp, init[u]) for u in data}
+        s = time.perf_counter() - t0
+        acc = accuracy(task, users, lambda ud, ids, mask: dec(pms[ud.user].generate(
+            input_ids=ids, attention_mask=mask, max_new_tokens=8, do_sample=False)[:, 1:]))
+        rows.append({"way": "HF PEFT one at a time (paper)", "seconds": s, "examples_per_s": n_ex / s, "accuracy": acc})
+    base = rows[0]["examples_per_s"]
+    for r in rows:
+        r.update(bench="train_users", task=a.task, users=len(users), method=a.method, epochs=a.epochs,
+                 multi_user_speedup=base / r["examples_per_s"])
+    env = environment("cpu")
+    print(f"device: {env['device']}, torch {env['torch']}, peft {env['peft']}; {len(users)} users of {a.task}, "
+          f"{a.method}, {a.epochs} epochs, {n_ex} examples each way")
+    print(table(rows, ["way", "seconds", "examples_per_s", "multi_user_speedup", "accuracy"]))
+    write_jsonl(a.out, rows, env)
+
+
+if __name__ == "__main__":
+    main()

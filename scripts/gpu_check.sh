@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# The prepared GPU check (one call on an H100/H200): kernel tests compiled for real, then the benchmarks.
+# Writes everything under ${OUT:-gpu_out}. Needs torch, triton, transformers, peft already installed.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-gpu_out}
+mkdir -p "$OUT"
+export TRITON_INTERPRET=0 PYTHONPATH=$PWD
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
+python -m pytest -q -x tests/test_triton_ops.py tests/test_triton_model.py tests/test_cuda_build.py 2>&1 | tail -25 | tee "$OUT/tests.txt"
+python -m benchmarks.ops --quick --check --out "$OUT/ops.jsonl" 2>&1 | tee "$OUT/ops.md"
+python -m benchmarks.t5_forward --shape flan-t5-base --batch 64 --seq 128 --out "$OUT/t5.jsonl" 2>&1 | tee "$OUT/t5.md"
+python -m benchmarks.mixed_batch --shape flan-t5-base --users 64 --batch 64 --backend triton --out "$OUT/mixed.jsonl" 2>&1 | tee "$OUT/mixed.md"
