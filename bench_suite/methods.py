@@ -22,8 +22,8 @@ ALL_METHODS = BASELINES + PEFT_METHODS
 
 # Embedded-default hyper-parameters (a 1.7M-parameter model learns at these rates; the paper's 2e-5 is
 # for Flan-T5-base). --full uses the paper's TrainConfig() and PAPER module settings.
-SMALL_LR = {"lora": 3e-3, "houlsby": 3e-3, "pfeiffer": 3e-3, "ia3": 3e-2, "prompt": 3e-2, "prefix": 1e-2,
-            "ptuning": 3e-3}
+SMALL_LR = {"lora": 3e-3, "houlsby": 3e-3, "pfeiffer": 1e-2, "ia3": 1e-1, "prompt": 3e-1, "prefix": 5e-2,
+            "ptuning": 1e-2}
 SMALL_HP = {"lora": dict(r=8, alpha=32, targets=("q", "v", "wi_0", "wi_1", "wo")), "houlsby": dict(reduction_factor=8),
             "pfeiffer": dict(reduction_factor=4), "prompt": dict(num_virtual_tokens=10),
             "prefix": dict(num_virtual_tokens=10), "ptuning": dict(num_virtual_tokens=10, encoder_hidden_size=64,
@@ -111,8 +111,9 @@ def run_baseline(kind, model, tok, task, users, a) -> Outcome:
 
 def run_peft(method, model, tok, task, users, a, train_dir) -> Outcome:
     hp = {} if a.full else SMALL_HP.get(method, {})
-    cfg = TrainConfig() if a.full else TrainConfig(epochs=a.epochs, batch_size=8, lr=SMALL_LR[method],
-                                                   users_per_step=a.users_per_step)
+    lr = a.lr.get(method, 2e-5 if a.full else SMALL_LR[method])
+    cfg = TrainConfig(lr=lr) if a.full else TrainConfig(epochs=a.epochs, batch_size=8, lr=lr,
+                                                        users_per_step=a.users_per_step)
     init = {ud.user: new_module(model, method, ud.user, 42, **hp) for ud in users}
     data = {ud.user: {"train": ud.tokens["train"], "val": ud.tokens["val"]} for ud in users}
     if torch.device(a.device).type == "cuda":

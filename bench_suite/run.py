@@ -34,17 +34,19 @@ def parse(argv=None):
     ap.add_argument("--full", action="store_true", help="every task, every user, the paper's settings")
     ap.add_argument("--users-per-task", type=int, default=4)
     ap.add_argument("--max-train", type=int, default=40, help="train examples per user (embedded default)")
-    ap.add_argument("--epochs", type=int, default=6)
+    ap.add_argument("--epochs", type=int, default=10)
     ap.add_argument("--max-len", type=int, default=96)
     ap.add_argument("--max-new-tokens", type=int, default=12)
     ap.add_argument("--eval-batch", type=int, default=64)
     ap.add_argument("--users-per-step", type=int, default=None)
+    ap.add_argument("--lr", default=None, help="learning-rate overrides, e.g. prompt=0.3,lora=1e-3")
     ap.add_argument("--global-examples-per-task", type=int, default=None)
     ap.add_argument("--no-progress", action="store_true")
     a = ap.parse_args(argv)
     if a.full:
         a.users_per_task, a.max_train, a.max_len, a.max_new_tokens = None, None, 512, 128
     a.progress = not a.no_progress
+    a.lr = {k: float(v) for k, v in (x.split("=") for x in a.lr.split(","))} if a.lr else {}
     return a
 
 
@@ -71,7 +73,7 @@ def main(argv=None):
     env = {**environment(a.device), "model": minfo["model"], "data_root": str(data_root(a.data_dir)),
            "settings": {k: v for k, v in vars(a).items() if k not in ("progress",)}}
     run_key = json.dumps({"model": minfo.get("cache", minfo["model"]), **{k: getattr(a, k) for k in (
-        "users_per_task", "max_train", "epochs", "max_len", "max_new_tokens", "full")}}, sort_keys=True)
+        "users_per_task", "max_train", "epochs", "max_len", "max_new_tokens", "full", "lr")}}, sort_keys=True)
     rows = []
     for name, task in tasks.items():
         users = prepare(task, a.users_per_task, a.max_train)

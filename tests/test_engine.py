@@ -193,3 +193,14 @@ def test_unsupported_peft_folders(model, tmp_path):
     (d / "adapter_config.json").write_text("{not json")
     with pytest.raises(ValueError, match="adapter_config.json"):
         import_peft(d, model)
+
+
+def test_bank_with_known_capacity_has_no_slack(model):
+    cfg = model.cfg
+    eng = Engine(model, backend="reference", capacity=13)
+    for i in range(13):
+        eng.register(f"u{i}", lora(cfg, 4, i))
+    rep = eng.memory_report()
+    assert eng.banks["lora"].slots == 13
+    tensors = rep["resident_floor_bytes"]
+    assert tensors <= rep["bank_bytes"] <= 1.05 * tensors  # scale and rank per slot are the only extra

@@ -28,10 +28,11 @@ class Bank:
         self.slots = 0
         self.sites: dict[str, dict[str, torch.Tensor]] = {}
 
-    def grow(self, n: int) -> None:
+    def grow(self, n: int, cap: int | None = None) -> None:
+        """At least n slots; doubling amortises growth, and a known capacity caps it (no slack past it)."""
         if n <= self.slots:
             return
-        n = max(n, 2 * self.slots, 4)
+        n = max(n, min(max(2 * self.slots, 4), cap or 1 << 62))
         for g in self.sites.values():
             for name, t in g.items():
                 g[name] = _pad(t, 0, n, self.fills.get(name, 0.0))
@@ -83,10 +84,10 @@ class LoraBank(Bank):
             g["scale"][slot] = 0
             g["rank"][slot] = 0
 
-    def grow(self, n: int) -> None:
+    def grow(self, n: int, cap: int | None = None) -> None:
         if n <= self.slots:
             return
-        n = max(n, 2 * self.slots, 4)
+        n = max(n, min(max(2 * self.slots, 4), cap or 1 << 62))
         for g in self.sites.values():
             for name in g:
                 g[name] = _pad(g[name], 0, n)

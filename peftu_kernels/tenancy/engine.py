@@ -94,7 +94,7 @@ class Engine:
                 self.free[m.bank] = []
             if not self.free[m.bank]:
                 old = bank.slots
-                bank.grow(old + 1)
+                bank.grow(old + 1, self.capacity)
                 self.free[m.bank] = list(range(bank.slots - 1, old - 1, -1))
             slot = self.free[m.bank].pop()
             bank.write(slot, m)
