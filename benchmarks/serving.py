@@ -89,7 +89,7 @@ def main(argv=None):
         mixed = Engine(ours)  # every method side by side
         for i in range(max_users):
             name, (method, hp) = list(METHODS.items())[i % len(METHODS)]
-            mixed.register(f"mix{i}", randomize(new_module(ours, method, f"m{i}", 42, **hp)))
+            mixed.register(f"mixed{i}", randomize(new_module(ours, method, f"m{i}", 42, **hp)))
         engines["mixed"] = mixed
         g = torch.Generator().manual_seed(0)
         for B, n_users, pop in grid:
