@@ -38,6 +38,23 @@ def _dot(a, b, IEEE: tl.constexpr):
 
 
 @triton.jit
+def _shrink_tile(x_row, w_slot, offs_m, r, L, K, stride_x_l, stride_x_k, stride_w_r, stride_w_k,
+                 IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
+    """(BLOCK_M, BLOCK_R) fp32 tile of x[m, :] @ W[:r, :].T; x_row / w_slot point at the row and the slot."""
+    offs_r = tl.arange(0, BLOCK_R)
+    offs_k = tl.arange(0, BLOCK_K)
+    acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        kk = k0 + offs_k
+        xt = tl.load(x_row + offs_m[:, None] * stride_x_l + kk[None, :] * stride_x_k,
+                     mask=(offs_m[:, None] < L) & (kk[None, :] < K), other=0.0)
+        wt = tl.load(w_slot + offs_r[None, :] * stride_w_r + kk[:, None] * stride_w_k,
+                     mask=(offs_r[None, :] < r) & (kk[:, None] < K), other=0.0)
+        acc += _dot(xt, wt.to(xt.dtype), IEEE)
+    return acc
+
+
+@triton.jit
 def _lora_shrink_kernel(x_ptr, w_ptr, h_ptr, slot_ptr, rank_ptr, scale_ptr, L, K, R,
                         stride_x_b, stride_x_l, stride_x_k, stride_w_s, stride_w_r, stride_w_k,
                         stride_h_b, stride_h_l, stride_h_r,
@@ -51,15 +68,8 @@ def _lora_shrink_kernel(x_ptr, w_ptr, h_ptr, slot_ptr, rank_ptr, scale_ptr, L, K
     r = tl.load(rank_ptr + s)
     offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_r = tl.arange(0, BLOCK_R)
-    offs_k = tl.arange(0, BLOCK_K)
-    acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        kk = k0 + offs_k
-        xt = tl.load(x_ptr + row * stride_x_b + offs_m[:, None] * stride_x_l + kk[None, :] * stride_x_k,
-                     mask=(offs_m[:, None] < L) & (kk[None, :] < K), other=0.0)
-        wt = tl.load(w_ptr + s * stride_w_s + offs_r[None, :] * stride_w_r + kk[:, None] * stride_w_k,
-                     mask=(offs_r[None, :] < r) & (kk[:, None] < K), other=0.0)
-        acc += _dot(xt, wt.to(xt.dtype), IEEE)
+    acc = _shrink_tile(x_ptr + row * stride_x_b, w_ptr + s * stride_w_s, offs_m, r, L, K, stride_x_l, stride_x_k,
+                       stride_w_r, stride_w_k, IEEE, BLOCK_M, BLOCK_R, BLOCK_K)
     if HAS_SCALE:
         acc = acc * tl.load(scale_ptr + s).to(tl.float32)
     tl.store(h_ptr + row * stride_h_b + offs_m[:, None] * stride_h_l + offs_r[None, :] * stride_h_r, acc,
@@ -109,16 +119,8 @@ def _lora_fused_kernel(x_ptr, a_ptr, b_ptr, y_ptr, slot_ptr, rank_ptr, scale_ptr
     sc = tl.load(scale_ptr + s).to(tl.float32)
     offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_r = tl.arange(0, BLOCK_R)
-    offs_k = tl.arange(0, BLOCK_K)
-    h = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        kk = k0 + offs_k
-        xt = tl.load(x_ptr + row * stride_x_b + offs_m[:, None] * stride_x_l + kk[None, :] * stride_x_k,
-                     mask=(offs_m[:, None] < L) & (kk[None, :] < K), other=0.0)
-        at = tl.load(a_ptr + s * stride_a_s + offs_r[None, :] * stride_a_r + kk[:, None] * stride_a_k,
-                     mask=(offs_r[None, :] < r) & (kk[:, None] < K), other=0.0)
-        h += _dot(xt, at.to(xt.dtype), IEEE)
-    h = h * sc
+    h = _shrink_tile(x_ptr + row * stride_x_b, a_ptr + s * stride_a_s, offs_m, r, L, K, stride_x_l, stride_x_k,
+                     stride_a_r, stride_a_k, IEEE, BLOCK_M, BLOCK_R, BLOCK_K) * sc
     for n0 in range(0, N, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         w = tl.load(b_ptr + s * stride_b_s + offs_n[None, :] * stride_b_n + offs_r[:, None] * stride_b_r,
