@@ -67,6 +67,7 @@ def main(argv=None):
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--reps", type=int, default=None)
+    ap.add_argument("--pops", default=None, help="only these popularities, e.g. distinct,zipf")
     ap.add_argument("--out", default="results/serving.jsonl")
     a = ap.parse_args(argv)
     dev = a.device
@@ -76,6 +77,8 @@ def main(argv=None):
     reps = a.reps or (20 if gpu else 3)
     grid = [(64, 64, "distinct"), (64, 8, "uniform"), (64, 64, "zipf"), (64, 1, "identical")] if a.quick or not gpu \
         else [(B, n, pop) for B in (1, 16, 64, 256) for n in (1, 8, 64, 256, 1024) for pop in ("distinct", "uniform", "zipf", "identical") if not (pop == "distinct" and n < B)]
+    if a.pops:
+        grid = [p for p in grid if p[2] in a.pops.split(",")]
     rows = []
     for shape in shapes:
         cfg, ours, hf = build(shape, dev, dtype)
