@@ -155,12 +155,14 @@ class Stack(nn.Module):
         self.block = nn.ModuleList(Block(cfg, decoder, i == 0) for i in range(n_layers))
         self.final_layer_norm = RMSNorm(cfg.d_model, cfg.layer_norm_epsilon)
 
-    def position_bias(self, qpos: torch.Tensor, kpos: torch.Tensor) -> torch.Tensor:
-        """(1, H, Lq, Lk) bias from layer 0's table, shared by every layer (as in T5)."""
+    def position_bias(self, qpos: torch.Tensor, kpos: torch.Tensor, delta=None) -> torch.Tensor:
+        """(1|B, H, Lq, Lk) bias from layer 0's table, shared by every layer (as in T5). `delta` (B,) shifts each
+        row's relative positions (AdapterHub's prefix tuning places a row's real keys after its prefix)."""
         rel = kpos[None, :] - qpos[:, None]
+        rel = rel[None] if delta is None else rel[None] + delta[:, None, None]
         b = relative_bucket(rel, not self.decoder, self.cfg.relative_attention_num_buckets,
                             self.cfg.relative_attention_max_distance)
-        return self.block[0].layer[0].SelfAttention.relative_attention_bias(b).permute(2, 0, 1)[None]
+        return self.block[0].layer[0].SelfAttention.relative_attention_bias(b).permute(0, 3, 1, 2)
 
 
 class LayerCache:
@@ -199,17 +201,31 @@ class T5(nn.Module):
         """-> (hidden (B, L', D), mask (B, L') bool); L' includes prompt-tuning tokens when peft adds them."""
         x = self.shared(input_ids)
         mask = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+        plen, delta, kmask = 0, None, mask
         if peft is not None:
             x, mask = peft.prompt(x, mask)
-        pos = torch.arange(x.shape[1], device=x.device)
-        bias = self.encoder.position_bias(pos, pos).to(x.dtype) + mask_to_bias(mask[:, None, None, :], x.dtype)
+            plen, kmask = peft.prefix_len("encoder"), mask
+            if plen:  # encoder prefixes (AdapterHub): keys only, visible to every query
+                kmask = torch.cat([peft.prefix_mask("encoder"), mask], 1)
+                delta = peft.prefix_delta("encoder")
+        kpos = torch.arange(plen + x.shape[1], device=x.device)
+        bias = self.encoder.position_bias(kpos[plen:], kpos, delta).to(x.dtype) + \
+            mask_to_bias(kmask[:, None, None, :], x.dtype)
         for blk in self.encoder.block:
             x = blk(x, bias, peft)
         return self.encoder.final_layer_norm(x), mask
 
     # --- decoder -----------------------------------------------------------------------------------
     def cross_kv(self, enc, peft=None):
-        return [blk.layer[1].EncDecAttention.project_kv(enc, peft) for blk in self.decoder.block]
+        kv = [blk.layer[1].EncDecAttention.project_kv(enc, peft) for blk in self.decoder.block]
+        if peft is not None and peft.prefix_len("cross"):
+            kv = [peft.prefix_kv(blk.layer[1].EncDecAttention.site, *x) for blk, x in zip(self.decoder.block, kv)]
+        return kv
+
+    def cross_bias(self, enc_mask, dtype, peft=None):
+        if peft is not None and peft.prefix_len("cross"):
+            enc_mask = torch.cat([peft.prefix_mask("cross"), enc_mask], 1)
+        return mask_to_bias(enc_mask[:, None, None, :], dtype)
 
     def new_cache(self, enc, enc_mask, peft=None, max_new_tokens: int = 16) -> DecoderCache:
         """Cross-attention keys/values once per request; self-attention slots for prefix + new tokens."""
@@ -252,8 +268,9 @@ class T5(nn.Module):
             if plen:
                 allow = torch.cat([peft.prefix_mask("decoder")[:, None, :].expand(B, L, plen), allow], -1)
             cross = self.cross_kv(enc, peft)
-        bias = self.decoder.position_bias(qpos, kpos).to(dt) + mask_to_bias(allow[:, None], dt)
-        cross_bias = mask_to_bias(enc_mask[:, None, None, :], dt)
+        delta = peft.prefix_delta("decoder") if peft is not None and peft.prefix_len("decoder") else None
+        bias = self.decoder.position_bias(qpos, kpos, delta).to(dt) + mask_to_bias(allow[:, None], dt)
+        cross_bias = self.cross_bias(enc_mask, dt, peft)
         for i, blk in enumerate(self.decoder.block):
             x = blk(x, bias, peft, cross[i], cross_bias, cache.layers[i] if cache else None,
                     cache.pos if cache else 0)

@@ -161,15 +161,25 @@ class PromptBank(Bank):
         return self.prompts.numel() * self.prompts.element_size()
 
 
+def prefix_stack(site: str) -> str:
+    """Which attention a prefix site belongs to: encoder self, decoder self or cross."""
+    return "cross" if "EncDecAttention" in site else site.split(".")[0]
+
+
 class PrefixBank(Bank):
-    """Prefix tuning (PEFT semantics: decoder self-attention): per site k, v (S, H, Pmax, d_kv), right-aligned."""
+    """Prefix tuning: per site k, v (S, H, Pmax, d_kv), right-aligned; per stack each slot's prefix length
+    (0 where the user has none there) and per slot its semantics (`ah`: AdapterHub's, whose real keys sit
+    after the prefix in T5's relative positions; else PEFT's, whose queries sit after it)."""
+    STACKS = ("encoder", "decoder", "cross")
 
     def __init__(self, key, device, dtype):
         super().__init__(key, device, dtype)
-        self.lengths = torch.zeros(0, dtype=torch.long, device=device)
+        self.lengths = {st: torch.zeros(0, dtype=torch.long, device=device) for st in self.STACKS}
+        self.ah = torch.zeros(0, dtype=torch.bool, device=device)
 
     def _grow_extra(self, n):
-        self.lengths = _pad(self.lengths, 0, n)
+        self.lengths = {st: _pad(t, 0, n) for st, t in self.lengths.items()}
+        self.ah = _pad(self.ah, 0, n)
 
     def write(self, slot: int, mod: UserModule) -> None:
         self.clear(slot)
@@ -187,11 +197,14 @@ class PrefixBank(Bank):
             g = self.sites[s]
             g["k"][slot, :, Pm - P:] = self._t(mod.tensors[s + ".prefix_k"])
             g["v"][slot, :, Pm - P:] = self._t(mod.tensors[s + ".prefix_v"])
-        self.lengths[slot] = P
+            self.lengths[prefix_stack(s)][slot] = P
+        self.ah[slot] = mod.config.get("semantics") == "adapterhub"
 
     def clear(self, slot: int) -> None:
         super().clear(slot)
-        self.lengths[slot] = 0
+        for t in self.lengths.values():
+            t[slot] = 0
+        self.ah[slot] = False
 
 
 def make_bank(key: str, device, dtype) -> Bank:

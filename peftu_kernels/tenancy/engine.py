@@ -139,7 +139,7 @@ class PeftBatch:
         self.engine, self.meta, self.banks = engine, meta, engine.banks
         self.op = {name: ops.get(name, engine.backend) for name in ops.OPS}
         self.adapter_keys = [k for k in meta.slots if k.startswith(("houlsby:", "pfeiffer:"))]
-        self._prefix_P = None
+        self._prefix_P: dict[str, int] = {}
 
     def linear(self, site: str, x, weight):
         m = self.meta
@@ -175,27 +175,41 @@ class PeftBatch:
         b = self.banks["prompt"]
         return self.op["prompt_prepend"](x, mask, b.prompts, b.lengths, self.meta.slots["prompt"])
 
+    def _prefix_rows(self, stack: str):
+        """(slots, this stack's length per row) of the batch's prefix users, or None."""
+        if not self.meta.has("prefix"):
+            return None
+        s = self.meta.slots["prefix"]
+        n = torch.where(s >= 0, self.banks["prefix"].lengths[stack][s.clamp(min=0)], 0)
+        return s, n
+
     def prefix_len(self, stack: str) -> int:
-        if stack != "decoder" or not self.meta.has("prefix"):
-            return 0
-        if self._prefix_P is None:
-            s = self.meta.slots["prefix"]
-            on = s >= 0
-            self._prefix_P = int(self.banks["prefix"].lengths[s[on]].max()) if bool(on.any()) else 0
-        return self._prefix_P
+        if stack not in self._prefix_P:
+            rows = self._prefix_rows(stack)
+            self._prefix_P[stack] = int(rows[1].max()) if rows is not None else 0
+        return self._prefix_P[stack]
 
     def prefix_mask(self, stack: str):
-        b = self.banks["prefix"]
         P = self.prefix_len(stack)
-        s = self.meta.slots["prefix"]
-        n = torch.where(s >= 0, b.lengths[s.clamp(min=0)], 0)
-        return torch.arange(P, device=s.device)[None, :] >= (P - n)[:, None]
+        n = self._prefix_rows(stack)[1]
+        return torch.arange(P, device=n.device)[None, :] >= (P - n)[:, None]
+
+    def prefix_delta(self, stack: str):
+        """Per-row shift of relative positions: a row's own prefix length for AdapterHub users, else 0."""
+        s, n = self._prefix_rows(stack)
+        ah = self.banks["prefix"].ah[s.clamp(min=0)] & (s >= 0)
+        return torch.where(ah, n, 0) if bool(ah.any()) else None
 
     def prefix_kv(self, site: str, k, v):
-        P = self.prefix_len("decoder") if site.startswith("decoder.") else 0
+        from .banks import prefix_stack
+        stack = prefix_stack(site)
+        P = self.prefix_len(stack)
         if P == 0:
             return k, v
-        g = self.banks["prefix"].sites[site]
-        pk, pv, _ = self.op["prefix_gather"](g["k"], g["v"], self.banks["prefix"].lengths,
-                                             self.meta.slots["prefix"], P)
+        b = self.banks["prefix"]
+        g = b.sites.get(site)
+        if g is None:  # no user of this batch has a prefix here; keep the shapes the mask expects
+            z = k.new_zeros(k.shape[0], k.shape[1], P, k.shape[3])
+            return torch.cat([z, k], 2), torch.cat([z, v], 2)
+        pk, pv, _ = self.op["prefix_gather"](g["k"], g["v"], b.lengths[stack], self.meta.slots["prefix"], P)
         return torch.cat([pk.to(k.dtype), k], 2), torch.cat([pv.to(v.dtype), v], 2)

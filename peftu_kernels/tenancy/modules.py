@@ -8,7 +8,9 @@ Canonical tensor names (site = the HF module path in our T5):
             config: act (relu, swish, gelu, ...)
   prompt    prompt (P, D)                                              prompt tuning
   ptuning   prompt (P, D), served like prompt tuning; prompt_encoder.* (its encoder, for training)
-  prefix    {attention}.prefix_k (H, P, d_kv) .prefix_v                config: semantics ("peft")
+  prefix    {attention}.prefix_k (H, P, d_kv) .prefix_v                config: semantics ("peft": decoder
+            self-attention, queries after the prefix; "adapterhub": encoder / decoder / cross attention,
+            real keys after the prefix in T5's relative positions)
 """
 from __future__ import annotations
 
@@ -133,15 +135,22 @@ def validate(mod: UserModule, model: T5, where: str = "module") -> None:
                     _fail(where, f"{s}.{n} has shape {tuple(t[n].shape)}, needs {want}")
     elif mod.method == "prefix":
         att = _modules_of(model, Attention)
-        want = {n for n in att if n.startswith("decoder.") and n.endswith("layer.0.SelfAttention")}
-        if set(mod.sites()) != want:
-            _fail(where, f"prefix must cover every decoder self-attention ({len(want)} layers); missing "
-                         f"{sorted(want - set(mod.sites()))[:3]}, unknown {sorted(set(mod.sites()) - want)[:3]}")
+        loc = {"encoder": {n for n in att if n.startswith("encoder.")},
+               "decoder": {n for n in att if n.startswith("decoder.") and n.endswith("layer.0.SelfAttention")},
+               "cross": {n for n in att if n.endswith("EncDecAttention")}}
+        sem = mod.config.get("semantics", "peft")
+        if sem not in ("peft", "adapterhub"):
+            _fail(where, f"prefix semantics {sem!r} unknown (peft or adapterhub)")
+        sites = set(mod.sites())
+        # PEFT's prefix touches exactly the decoder's self-attention; AdapterHub's any of the three
+        # locations, each one whole
+        used = [k for k, v in loc.items() if v & sites] if sem == "adapterhub" else ["decoder"]
+        want = set().union(*(loc[k] for k in used)) if used else set()
+        if not sites or sites != want:
+            _fail(where, f"{sem} prefix must cover every layer of {used or 'some attention'}; missing "
+                         f"{sorted(want - sites)[:3]}, unknown {sorted(sites - want)[:3]}")
         P = None
         for s in mod.sites():
-            if s not in att or ".layer.0." not in s + "." or not s.startswith("decoder."):
-                _fail(where, f"prefix site {s!r} is not a decoder self-attention of this model "
-                             f"(PEFT's prefix tuning touches only those)")
             for n in ("prefix_k", "prefix_v"):
                 t = mod.tensors.get(f"{s}.{n}")
                 if t is None or t.dim() != 3 or t.shape[0] != cfg.num_heads or t.shape[2] != cfg.d_kv:
