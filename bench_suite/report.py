@@ -63,7 +63,7 @@ def cost_table(summary: list[dict]) -> str:
 
 def summary_md(rows: list[dict], methods: list[str], env: dict, notes: list[str]) -> str:
     s = method_summary(rows, methods)
-    parts = [f"# PEFT-U benchmark\n", f"model: {env.get('model')}; device: {env.get('device')}; "
+    parts = ["# PEFT-U benchmark\n", f"model: {env.get('model')}; device: {env.get('device')}; "
              f"commit {env.get('commit')}; {env.get('date')}\n",
              "## Accuracy (per-user accuracy averaged over users, x100)\n", accuracy_table(rows, methods), "",
              PAPER_NOTE, "", "## Cost per method (averaged over tasks; time summed)\n", cost_table(s), ""]

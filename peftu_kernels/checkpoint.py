@@ -6,7 +6,7 @@ from pathlib import Path
 import torch
 
 from .config import T5Config
-from .io import load_json, load_tensors, save_json, save_tensors
+from .io import load_json, load_tensors, load_weights, save_json, save_tensors
 from .t5 import T5
 
 # keys HF checkpoints carry that our model does not need (tied copies, an unused bias table)
@@ -37,14 +37,7 @@ def _read_weights(folder: Path) -> dict[str, torch.Tensor]:
         for f in files:
             state.update(load_tensors(folder / f))
         return state
-    if (folder / "model.safetensors").is_file():
-        return load_tensors(folder / "model.safetensors")
-    if (folder / "pytorch_model.bin").is_file():
-        try:
-            return torch.load(folder / "pytorch_model.bin", map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise ValueError(f"{folder / 'pytorch_model.bin'}: unreadable ({e})") from e
-    raise FileNotFoundError(f"{folder}: no model.safetensors, sharded index or pytorch_model.bin")
+    return load_weights(folder, "model.safetensors", "pytorch_model.bin")
 
 
 def load_state(model: T5, state: dict[str, torch.Tensor], source: str = "state dict") -> T5:

@@ -51,6 +51,20 @@ def load_tensors(path) -> dict[str, torch.Tensor]:
         raise ValueError(f"{path}: not a readable safetensors file ({e})") from e
 
 
+def load_weights(folder, safetensors_name: str, bin_name: str) -> dict[str, torch.Tensor]:
+    """A folder's weights from its safetensors file, else its pickle (read with weights_only=True)."""
+    folder = Path(folder)
+    st, bn = folder / safetensors_name, folder / bin_name
+    if st.is_file():
+        return load_tensors(st)
+    if bn.is_file():
+        try:
+            return torch.load(bn, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise ValueError(f"{bn}: unreadable ({e})") from e
+    raise FileNotFoundError(f"{folder}: no {safetensors_name} or {bin_name}")
+
+
 def load_json(path) -> dict:
     path = Path(path)
     if not path.is_file():

@@ -5,7 +5,6 @@ import copy
 
 import torch
 
-from helpers import hf_twin, small_cfg
 from peftu_kernels.tenancy import UserModule
 
 # heads * d_kv == d_model so that PEFT's prefix tuning fits; odd sizes otherwise

@@ -11,12 +11,11 @@ adapter.safetensors. Supported (anything else is refused, naming the option):
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 
-from ..io import load_json, load_tensors, save_json, save_tensors
+from ..io import load_json, load_weights, save_json, save_tensors
 from ..ops.reference import ACT
 from ..t5 import T5
 from .modules import UserModule, validate
@@ -42,18 +41,6 @@ def _check_opts(folder, cfg: dict, defaults: dict):
             _bad(folder, f"AdapterHub option {k}={v!r} is not supported (peftu serves {k}={ok!r})")
 
 
-def _weights(folder: Path) -> dict[str, torch.Tensor]:
-    st, bn = folder / "adapter.safetensors", folder / "pytorch_adapter.bin"
-    if st.is_file():
-        return load_tensors(st)
-    if bn.is_file():
-        try:
-            return torch.load(bn, map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise ValueError(f"{bn}: unreadable ({e})") from e
-    raise FileNotFoundError(f"{folder}: no pytorch_adapter.bin or adapter.safetensors")
-
-
 def import_adapterhub(folder, model: T5) -> UserModule:
     folder = Path(folder)
     meta = load_json(folder / "adapter_config.json")
@@ -63,7 +50,7 @@ def import_adapterhub(folder, model: T5) -> UserModule:
     if not isinstance(cfg, dict) or name is None:
         _bad(folder, "adapter_config.json has no 'config' dict or 'name' (composition blocks are not supported)")
     arch = cfg.get("architecture", "bottleneck")
-    w = _weights(folder)
+    w = load_weights(folder, "adapter.safetensors", "pytorch_adapter.bin")
     if arch in (None, "bottleneck"):
         mod = _bottleneck(folder, cfg, name, w, model)
     elif arch == "lora":

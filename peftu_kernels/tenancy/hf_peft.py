@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from ..io import load_json, load_tensors, save_json, save_tensors
+from ..io import load_json, load_weights, save_json, save_tensors
 from ..t5 import T5
 from .modules import UserModule, validate
 
@@ -26,19 +26,6 @@ def _bad(folder, msg):
     raise ValueError(f"{folder}: {msg}")
 
 
-def _weights(folder: Path) -> dict[str, torch.Tensor]:
-    f = folder / "adapter_model.safetensors"
-    if f.is_file():
-        return load_tensors(f)
-    b = folder / "adapter_model.bin"
-    if b.is_file():
-        try:
-            return torch.load(b, map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise ValueError(f"{b}: unreadable ({e})") from e
-    raise FileNotFoundError(f"{folder}: no adapter_model.safetensors or adapter_model.bin")
-
-
 def import_peft(folder, model: T5) -> UserModule:
     """Read a PEFT folder into a validated UserModule for `model`; raises ValueError naming what is wrong."""
     folder = Path(folder)
@@ -46,7 +33,7 @@ def import_peft(folder, model: T5) -> UserModule:
     kind = cfg.get("peft_type")
     if cfg.get("task_type") not in (None, "SEQ_2_SEQ_LM"):
         _bad(folder, f"task_type {cfg.get('task_type')!r} is not SEQ_2_SEQ_LM")
-    w = _weights(folder)
+    w = load_weights(folder, "adapter_model.safetensors", "adapter_model.bin")
     if kind == "LORA":
         mod = _import_lora(folder, cfg, w)
     elif kind == "IA3":
