@@ -9,6 +9,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from peftu_kernels.generate import greedy
+from peftu_kernels.progress import progress as make_bar
 from peftu_kernels.init import new_module
 from peftu_kernels.tenancy import Engine
 from peftu_kernels.train import MultiUserTrainer, TrainConfig, collate
@@ -66,11 +67,12 @@ def _interleave(users: list[UserData], split: str, tokens: bool):
 
 
 def evaluate(model, tok, task: Task, users: list[UserData], rows_for, max_new_tokens: int, batch: int, device,
-             zero_shot: bool = False):
+             zero_shot: bool = False, progress: bool = True):
     """Greedy generation on every user's test split in mixed-user batches -> (per-user accuracy, examples/s).
     rows_for(list of users per row) gives the PeftBatch (or None for the base model)."""
     order = _interleave(users, "test", True)
     outputs = {ud.user: [None] * len(ud.prompts["test"]) for ud in users}
+    bar = make_bar(len(order), f"evaluate {task.name}", progress)
     t0 = time.perf_counter()
     for i in range(0, len(order), batch):
         chunk = order[i:i + batch]
@@ -85,6 +87,8 @@ def evaluate(model, tok, task: Task, users: list[UserData], rows_for, max_new_to
         gen = greedy(model, ids, mask, max_new_tokens, peft=rows_for([ud.user for ud, _ in chunk]))
         for (ud, j), text in zip(chunk, tok.batch_decode(gen, skip_special_tokens=True)):
             outputs[ud.user][j] = text
+        bar.update(len(chunk))
+    bar.close()
     secs = time.perf_counter() - t0
     acc = {ud.user: user_accuracy(outputs[ud.user], [ud.gold[sid] for sid, _, _ in ud.prompts["test"]], task.labels)
            for ud in users}
@@ -105,7 +109,7 @@ def run_baseline(kind, model, tok, task, users, a) -> Outcome:
             enc = tok(texts).input_ids
             ud.tokens["zero"] = {sid: ids[-a.max_len:] for (sid, _, _), ids in zip(ud.prompts["test"], enc)}
     acc, ips = evaluate(model, tok, task, users, lambda rows: None, a.max_new_tokens, a.eval_batch, a.device,
-                        zero_shot=kind == "zero-shot")
+                        zero_shot=kind == "zero-shot", progress=a.progress)
     return Outcome(acc, infer_examples_per_s=ips, peak_mem_bytes=_peak(a.device))
 
 
@@ -127,6 +131,7 @@ def run_peft(method, model, tok, task, users, a, train_dir) -> Outcome:
     for ud in users:
         eng.register(ud.user, mods[ud.user])
     with torch.no_grad():
-        acc, ips = evaluate(model, tok, task, users, eng.batch, a.max_new_tokens, a.eval_batch, a.device)
+        acc, ips = evaluate(model, tok, task, users, eng.batch, a.max_new_tokens, a.eval_batch, a.device,
+                            progress=a.progress)
     m = mods[users[0].user]
     return Outcome(acc, m.numel(), m.nbytes(), train_s, n_ex / max(train_s, 1e-9), ips, _peak(a.device))
