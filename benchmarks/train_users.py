@@ -37,7 +37,7 @@ def hf_twin(model):
     return hf.eval()
 
 
-def hf_peft_one_user(hf, train, cfg: TrainConfig, user: str, hp: dict, init):
+def hf_peft_one_user(hf, train, cfg: TrainConfig, user: str, hp: dict, init, device="cpu"):
     """The paper's protocol for one user: a PEFT LoRA model, AdamW, linear warm-up, batch 8, epochs."""
     import peft
     from transformers import get_linear_schedule_with_warmup
@@ -57,7 +57,7 @@ def hf_peft_one_user(hf, train, cfg: TrainConfig, user: str, hp: dict, init):
     for epoch in range(cfg.epochs):
         order = torch.randperm(len(train), generator=user_generator(f"{user}/epoch{epoch}", cfg.seed)).tolist()
         for i in range(0, len(train), cfg.batch_size):
-            ids, mask, lab = collate([train[j] for j in order[i:i + cfg.batch_size]])
+            ids, mask, lab = collate([train[j] for j in order[i:i + cfg.batch_size]], device=device)
             pm(input_ids=ids, attention_mask=mask, labels=lab).loss.backward()
             torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
             opt.step()
@@ -66,10 +66,10 @@ def hf_peft_one_user(hf, train, cfg: TrainConfig, user: str, hp: dict, init):
     return pm.eval()
 
 
-def accuracy(task, users, predict) -> float:
+def accuracy(task, users, predict, device="cpu") -> float:
     accs = []
     for ud in users:
-        ids, mask, _ = collate([t for t in ud.tokens["test"]])
+        ids, mask, _ = collate([t for t in ud.tokens["test"]], device=device)
         outs = predict(ud, ids, mask)
         accs.append(user_accuracy(outs, [ud.gold[sid] for sid, _, _ in ud.prompts["test"]], task.labels))
     return 100 * sum(accs) / len(accs)
@@ -85,10 +85,16 @@ def main(argv=None):
     ap.add_argument("--max-len", type=int, default=96)
     ap.add_argument("--cache", default="runs/cache")
     ap.add_argument("--no-hf", action="store_true")
+    ap.add_argument("--shape", default=None, help="random weights of this preset (speed only), e.g. flan-t5-base")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--out", default="results/train_users.jsonl")
     a = ap.parse_args(argv)
     task = load_task(a.task)
     model, tok, _ = embedded_default({a.task: task}, Path(a.cache), progress=False)
+    if a.shape:  # speed at a real shape: random weights, the embedded tokenizer's ids fit its vocabulary
+        from peftu_kernels import T5, T5Config
+        model = T5.from_config(T5Config.from_name(a.shape)).eval()
+    model = model.to(a.device)
     users = prepare(task, a.users, a.max_train)
     tokenize(users, tok, a.max_len, truncate_left=True)
     hp = SMALL_HP.get(a.method, {})
@@ -111,21 +117,23 @@ def main(argv=None):
         eng = Engine(model)
         for u, m in mods.items():
             eng.register(u, m)
-        return accuracy(task, users, lambda ud, ids, mask: dec(greedy(model, ids, mask, 8, peft=eng.batch([ud.user] * len(ids)))))
+        return accuracy(task, users, lambda ud, ids, mask: dec(greedy(model, ids, mask, 8, peft=eng.batch([ud.user] * len(ids)))),
+                        a.device)
     rows = [{"way": k, "seconds": s, "examples_per_s": n_ex / s, "accuracy": ours_acc(m)} for k, (s, m) in res.items()]
     if not a.no_hf and a.method == "lora":
-        hf = hf_twin(model)
+        hf = hf_twin(model.cpu()).to(a.device)
+        model.to(a.device)
         t0 = time.perf_counter()
-        pms = {u: hf_peft_one_user(hf, data[u]["train"], cfg, u, hp, init[u]) for u in data}
+        pms = {u: hf_peft_one_user(hf, data[u]["train"], cfg, u, hp, init[u], a.device) for u in data}
         s = time.perf_counter() - t0
         acc = accuracy(task, users, lambda ud, ids, mask: dec(pms[ud.user].generate(
-            input_ids=ids, attention_mask=mask, max_new_tokens=8, do_sample=False)[:, 1:]))
+            input_ids=ids, attention_mask=mask, max_new_tokens=8, do_sample=False)[:, 1:]), a.device)
         rows.append({"way": "HF PEFT one at a time (paper)", "seconds": s, "examples_per_s": n_ex / s, "accuracy": acc})
     base = rows[0]["examples_per_s"]
     for r in rows:
         r.update(bench="train_users", task=a.task, users=len(users), method=a.method, epochs=a.epochs,
                  multi_user_speedup=base / r["examples_per_s"])
-    env = environment("cpu")
+    env = environment(a.device)
     print(f"device: {env['device']}, torch {env['torch']}, peft {env['peft']}; {len(users)} users of {a.task}, "
           f"{a.method}, {a.epochs} epochs, {n_ex} examples each way")
     print(table(rows, ["way", "seconds", "examples_per_s", "multi_user_speedup", "accuracy"]))
