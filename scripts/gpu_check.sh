@@ -6,6 +6,8 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu_out}
 mkdir -p "$OUT"
 export TRITON_INTERPRET=0 PYTHONPATH=$PWD
+# the data root: ../shared/data beside a checkout, or shared/data inside the device copy
+export PEFTU_DATA=${PEFTU_DATA:-$(ls -d ../shared/data shared/data 2>/dev/null | head -1)}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
 python -m pytest -q -x tests/test_triton_ops.py tests/test_triton_model.py tests/test_cuda_build.py 2>&1 | tail -25 | tee "$OUT/tests.txt"
 python -m benchmarks.ops --quick --check --out "$OUT/ops.jsonl" 2>&1 | tee "$OUT/ops.md"
