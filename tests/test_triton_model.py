@@ -12,11 +12,14 @@ from peftu_kernels.init import new_module  # noqa: E402
 from peftu_kernels.tenancy import Engine  # noqa: E402
 from peftu_kernels.train import MultiUserTrainer, TrainConfig  # noqa: E402
 
+DEV = "cuda" if torch.cuda.is_available() else "cpu"  # compiled kernels on a GPU, the interpreter on CPU
+
 
 @pytest.fixture(scope="module")
 def setup():
     cfg = T5Config(**PEFT_CFG)
     _, model = hf_twin(cfg, seed=21)
+    model = model.to(DEV)
     mods = {"lora": new_module(model, "lora", "a", r=4, alpha=8, targets=("q", "v", "wo")),
             "ia3": new_module(model, "ia3", "b"),
             "houlsby": adapter_module(cfg, "houlsby", 5, "silu", 4),
@@ -36,8 +39,8 @@ def test_forward_and_greedy_equal_reference(setup):
     cfg, model, engines = setup
     rows = ["lora", None, "houlsby", "ia3", "pfeiffer", "lora"]
     g = torch.Generator().manual_seed(0)
-    ids = torch.randint(3, cfg.vocab_size, (6, 7), generator=g)
-    dec = torch.randint(3, cfg.vocab_size, (6, 3), generator=g)
+    ids = torch.randint(3, cfg.vocab_size, (6, 7), generator=g).to(DEV)
+    dec = torch.randint(3, cfg.vocab_size, (6, 3), generator=g).to(DEV)
     with torch.no_grad():
         ref = model(ids, dec, peft=engines["reference"].batch(rows))
         got = model(ids, dec, peft=engines["triton"].batch(rows))
@@ -61,6 +64,6 @@ def test_training_on_triton_backward_equals_reference(setup, method):
         out[b] = MultiUserTrainer(model, tc, backend=b, progress=False).train(data, init)
     for u in data:
         for k, v in out["reference"][u].tensors.items():
-            moved = float((v - init[u].tensors[k]).abs().max())
+            moved = float((v.cpu() - init[u].tensors[k]).abs().max())
             assert moved > 1e-3, f"{method} {k} did not train"
             torch.testing.assert_close(out["triton"][u].tensors[k], v, rtol=1e-4, atol=1e-4 * float(v.abs().max()))
