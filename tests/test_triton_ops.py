@@ -164,3 +164,18 @@ def test_bad_shapes_are_refused():
     with pytest.raises(ValueError, match="activation 'mish'"):
         adapter_into(torch.empty(1, 1, 4), torch.zeros(1, 1, 4), torch.zeros(1, 1, 4), torch.zeros(1, 2, 4),
                      torch.zeros(1, 2), torch.zeros(1, 4, 2), torch.zeros(1, 4), "mish", torch.zeros(1, dtype=torch.long))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("pop", ["distinct", "uniform", "zipf", "same"])
+@pytest.mark.parametrize("rank", [1, 2, 7, 16, 33, 64])
+def test_lora_sweep_ranks_and_popularity(pop, rank):
+    """Heavier sweep (pytest -m slow): every rank 1-64 against every popularity, odd sizes, both paths."""
+    from peftu_kernels.triton.lora import lora_
+    for dtype in DTYPES:
+        ranks = [rank, max(1, rank // 3), rank, 1, rank, 2, rank, 5, rank, 3]  # >= 9 slots: distinct rows fit
+        y, x, A, Bw, scale, slots, rk = lora_inputs(9, 21, 45, 37, ranks, pop, dtype, seed=rank)
+        ref = R.lora(y.float(), x.float(), A.float(), Bw.float(), scale, slots)
+        for fused in (False, True):
+            got = lora_(y.clone(), x, A, Bw, scale, slots, rk, fused=fused)
+            torch.testing.assert_close(got.float(), ref, **TOL[dtype])
