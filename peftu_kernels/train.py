@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from .init import user_generator
 from .io import load_tensors, save_json, save_tensors
 from .optim import SlotAdamW, linear_warmup
+from .progress import progress
 from .t5 import T5
 from .tenancy import Engine, UserModule
 from .tenancy.banks import read_slot, trainable
@@ -115,7 +116,7 @@ class MultiUserTrainer:
         with torch.no_grad():
             for i, t in enumerate(self.params):
                 t[slot] = raw[f"p.{i}"].to(t.device, t.dtype)
-            for k, t in getattr(self, "enc_params", {}).items():
+            for k, t in self.enc_params.items():
                 t[slot] = raw[f"enc.{k}"].to(t.device, t.dtype)
         opt.load_slot_state(slot, {k[4:]: v for k, v in raw.items() if k.startswith("opt.")})
         u.epoch, u.best, u.bad_epochs, u.history = st["epoch"], st["best"], st["bad_epochs"], st["history"]
@@ -131,7 +132,7 @@ class MultiUserTrainer:
         for n in list(users):
             st = self._state(n)
             if st and st.get("done"):
-                finished[n] = [m for m in load_user(self._dir(n) / "best")][0]
+                finished[n] = load_user(self._dir(n) / "best")[0]
                 del users[n]
         if not users:
             return finished
@@ -144,13 +145,14 @@ class MultiUserTrainer:
         slot = {n: eng.slots[n][bank.key] for n in users}
         self.params = [t.requires_grad_(True) for t in trainable(bank)]
         self._setup_ptuning(method, bank, init, slot)
-        opt = SlotAdamW(self.params + list(getattr(self, "enc_params", {}).values()), bank.slots, cfg.betas,
+        opt = SlotAdamW(self.params + list(self.enc_params.values()), bank.slots, cfg.betas,
                         cfg.eps, cfg.weight_decay)
         for n, u in users.items():
             st = self._state(n)
             if st:
                 self._restore(u, slot[n], opt, st)
-        bar = self._bar(sum(u.total - u.epoch * u.steps_per_epoch for u in users.values()), len(finished), len(data))
+        bar = progress(sum(u.total - u.epoch * u.steps_per_epoch for u in users.values()), f"train {len(data)} users",
+                       self.progress)
         step, seen, t0 = 0, 0, time.perf_counter()
         active = [u for u in users.values() if u.epoch < cfg.epochs]
         while active:
@@ -230,7 +232,7 @@ class MultiUserTrainer:
 
     def _read(self, bank, slot, like: UserModule) -> UserModule:
         mod = read_slot(bank, slot, like)
-        for k, t in getattr(self, "enc_params", {}).items():  # P-tuning: its trained encoder too
+        for k, t in self.enc_params.items():  # P-tuning: its trained encoder too
             mod.tensors[f"prompt_encoder.{k}"] = t.detach()[slot].clone()
         return mod
 
@@ -270,7 +272,3 @@ class MultiUserTrainer:
         bank.prompts = base.index_put((idx,), torch.nn.functional.pad(torch.stack(out), (0, 0, base.shape[1] - P, 0)))
         with torch.no_grad():
             self._base_prompts[idx] = bank.prompts[idx].detach()
-
-    def _bar(self, total, done, n_users):
-        from .progress import progress
-        return progress(total, f"train {n_users} users", self.progress)

@@ -61,16 +61,32 @@ def adapter_module(cfg, kind: str, m: int, act: str, seed: int, sites=None) -> U
     return UserModule(kind, t, {"act": act})
 
 
-class SingleAdapter:
+class PlainHooks:
+    """The hooks our T5 calls, doing nothing: one-user oracles override the one they implement."""
+
+    def linear(self, site, x, w):
+        return torch.nn.functional.linear(x, w)
+
+    def residual(self, site, x, f):
+        return x + f
+
+    def prompt(self, x, mask):
+        return x, mask
+
+    def prefix_len(self, stack):
+        return 0
+
+    def prefix_kv(self, site, k, v):
+        return k, v
+
+
+class SingleAdapter(PlainHooks):
     """A straightforward one-user implementation of the bottleneck adapter hook (no banks, no ops)."""
 
     def __init__(self, mod: UserModule):
         self.mod = mod
         from peftu_kernels.ops.reference import ACT
         self.act = ACT[mod.config["act"]]
-
-    def linear(self, site, x, w):
-        return torch.nn.functional.linear(x, w)
 
     def residual(self, site, x, f):
         t = self.mod.tensors
@@ -81,12 +97,3 @@ class SingleAdapter:
             return x + f + A(f)
         z = x + f
         return z + A(z)
-
-    def prompt(self, x, mask):
-        return x, mask
-
-    def prefix_len(self, stack):
-        return 0
-
-    def prefix_kv(self, site, k, v):
-        return k, v

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from helpers import hf_twin
-from peft_users import PEFT_CFG
+from peft_users import PEFT_CFG, PlainHooks
 from peftu_kernels.config import T5Config
 from peftu_kernels.init import new_module, user_generator
 from peftu_kernels.ptuning import PromptEncoder
@@ -36,27 +36,15 @@ def make_data(vocab, n_users=3, seed=0):
     return data
 
 
-class PromptHook:
+class PromptHook(PlainHooks):
     """Single-user P-tuning: prepend the encoder's prompt (a plain module, no banks)."""
 
     def __init__(self, enc):
         self.enc = enc
 
-    def linear(self, site, x, w):
-        return torch.nn.functional.linear(x, w)
-
-    def residual(self, site, x, f):
-        return x + f
-
     def prompt(self, x, mask):
         p = self.enc()[None].expand(x.shape[0], -1, -1)
         return torch.cat([p, x], 1), torch.cat([torch.ones(x.shape[0], p.shape[1], dtype=torch.bool), mask], 1)
-
-    def prefix_len(self, stack):
-        return 0
-
-    def prefix_kv(self, site, k, v):
-        return k, v
 
 
 def train_alone(model, method, user, train, cfg):
