@@ -22,6 +22,11 @@ def _active(slots):
     return idx, slots[idx]
 
 
+def _by_user(t, seg):
+    """(U*k, L, D) -> (U, k*L, D): a view, when seg.group says the rows come k per user in slot order."""
+    return t.reshape(seg.slot.numel(), -1, t.shape[-1])
+
+
 def lora_shrink(x, A, scale, slots):
     """h[b] = scale[s] * x[b] @ A[s].T in fp32 -> (n_active, L, r); A (S, r, D_in). Scaling the narrow
     intermediate costs T*r instead of T*D_out."""
@@ -46,6 +51,10 @@ def lora(y, x, A, B, scale, slots, rank=None, seg=None):
         u = int(s[0])
         h = (x.float() @ A[u].float().T) * scale[u].float()
         return torch.addmm(y.float().flatten(0, -2), h.flatten(0, -2), B[u].float().T).view(y.shape).to(y.dtype)
+    if seg is not None and seg.group:  # rows grouped by user: one matmul per user, no per-row gather
+        u = seg.slot
+        h = torch.bmm(_by_user(x.float(), seg), A[u].float().transpose(1, 2)) * scale[u].float()[:, None, None]
+        return torch.baddbmm(_by_user(y.float(), seg), h, B[u].float().transpose(1, 2)).view(y.shape).to(y.dtype)
     xs = x if rows is None else x[rows]
     return lora_expand(y, lora_shrink(xs, A, scale, s), B, rows, s)
 
@@ -64,9 +73,14 @@ def adapter(h, residual, down, down_bias, up, up_bias, act: str, slots, seg=None
     rows, s = _active(slots)
     if s.numel() == 0:
         return residual
-    hs = (h if rows is None else h[rows]).float()
+    if seg is not None and seg.group:  # rows grouped by user: one matmul per user
+        s, hs = seg.slot, _by_user(h.float(), seg)
+    else:
+        hs = (h if rows is None else h[rows]).float()
     z = ACT[act](torch.baddbmm(down_bias[s].float()[:, None, :], hs, down[s].float().transpose(1, 2)))
     d = torch.baddbmm(up_bias[s].float()[:, None, :], z, up[s].float().transpose(1, 2)).to(residual.dtype)
+    if seg is not None and seg.group:
+        return residual + d.view(residual.shape)
     return residual + d if rows is None else residual.index_add(0, rows, d)
 
 

@@ -9,10 +9,13 @@ import torch
 @dataclass(frozen=True)
 class Segments:
     """Rows sorted by slot: the SGMV layout. `order` sorts rows, segment i covers sorted rows
-    [starts[i], starts[i+1]) and uses bank slot `slot[i]`; rows without a module are left out."""
+    [starts[i], starts[i+1]) and uses bank slot `slot[i]`; rows without a module are left out.
+    `group` = k > 0 when the rows already come in that layout with k rows per segment (a trainer's batch:
+    each user's k examples in a row): then the CPU path runs one matmul per user instead of one per row."""
     order: torch.Tensor
     starts: torch.Tensor
     slot: torch.Tensor
+    group: int = 0
 
 
 def make_segments(slots: torch.Tensor) -> Segments:
@@ -21,7 +24,10 @@ def make_segments(slots: torch.Tensor) -> Segments:
     order = order[slots[order] >= 0]
     uniq, counts = torch.unique_consecutive(slots[order], return_counts=True)
     starts = torch.cat([torch.zeros(1, dtype=torch.long, device=slots.device), counts.cumsum(0)])
-    return Segments(order, starts, uniq)
+    n, k = slots.numel(), int(counts[0]) if counts.numel() else 0
+    grouped = counts.numel() > 1 and order.numel() == n and bool((counts == k).all()) and \
+        bool((order == torch.arange(n, device=slots.device)).all())
+    return Segments(order, starts, uniq, k if grouped else 0)
 
 
 @dataclass(frozen=True)
