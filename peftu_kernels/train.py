@@ -136,7 +136,7 @@ class MultiUserTrainer:
                 del users[n]
         if not users:
             return finished
-        eng = Engine(self.model, backend=self.backend)
+        eng = Engine(self.model, backend=self.backend, dtype=torch.float32)  # fp32 masters under any base dtype
         for n in users:
             eng.register(n, init[n])
         like = {n: init[n] for n in users}

@@ -22,12 +22,14 @@ from .store import load_user, save_user
 
 
 class Engine:
-    def __init__(self, model: T5, backend: str | None = None, capacity: int | None = None, offload_dir=None):
+    def __init__(self, model: T5, backend: str | None = None, capacity: int | None = None, offload_dir=None,
+                 dtype: torch.dtype | None = None):
         """capacity: most users resident in the banks; beyond it the least recently used users are evicted to
-        CPU memory (or to `offload_dir` on disk) and reloaded on demand."""
+        CPU memory (or to `offload_dir` on disk) and reloaded on demand. dtype: the banks' (default the
+        model's); training keeps float32 banks under a 16-bit base so that small updates are not rounded away."""
         self.model = model
         p = next(model.parameters())
-        self.device, self.dtype = p.device, p.dtype
+        self.device, self.dtype = p.device, dtype or p.dtype
         self.backend = ops.resolve(backend, self.device.type)
         self.capacity, self.offload_dir = capacity, Path(offload_dir) if offload_dir else None
         self.banks: dict[str, Bank] = {}
