@@ -87,6 +87,8 @@ def main(argv=None):
     ap.add_argument("--no-hf", action="store_true")
     ap.add_argument("--shape", default=None, help="random weights of this preset (speed only), e.g. flan-t5-base")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                    help="the frozen base's dtype, every way alike (adapter weights stay float32)")
     ap.add_argument("--out", default="results/train_users.jsonl")
     a = ap.parse_args(argv)
     task = load_task(a.task)
@@ -94,7 +96,8 @@ def main(argv=None):
     if a.shape:  # speed at a real shape: random weights, the embedded tokenizer's ids fit its vocabulary
         from peftu_kernels import T5, T5Config
         model = T5.from_config(T5Config.from_name(a.shape)).eval()
-    model = model.to(a.device)
+    dtype = getattr(torch, a.dtype)
+    model = model.to(a.device, dtype)
     users = prepare(task, a.users, a.max_train)
     tokenize(users, tok, a.max_len, truncate_left=True)
     hp = SMALL_HP.get(a.method, {})
@@ -121,7 +124,7 @@ def main(argv=None):
                         a.device)
     rows = [{"way": k, "seconds": s, "examples_per_s": n_ex / s, "accuracy": ours_acc(m)} for k, (s, m) in res.items()]
     if not a.no_hf and a.method == "lora":
-        hf = hf_twin(model.cpu()).to(a.device)
+        hf = hf_twin(model.cpu()).to(a.device, dtype)  # PEFT keeps its LoRA weights float32 over it
         model.to(a.device)
         t0 = time.perf_counter()
         pms = {u: hf_peft_one_user(hf, data[u]["train"], cfg, u, hp, init[u], a.device) for u in data}
@@ -131,11 +134,11 @@ def main(argv=None):
         rows.append({"way": "HF PEFT one at a time (paper)", "seconds": s, "examples_per_s": n_ex / s, "accuracy": acc})
     base = rows[0]["examples_per_s"]
     for r in rows:
-        r.update(bench="train_users", task=a.task, users=len(users), method=a.method, epochs=a.epochs,
+        r.update(bench="train_users", task=a.task, users=len(users), method=a.method, epochs=a.epochs, dtype=a.dtype,
                  multi_user_speedup=base / r["examples_per_s"])
     env = environment(a.device)
     print(f"device: {env['device']}, torch {env['torch']}, peft {env['peft']}; {len(users)} users of {a.task}, "
-          f"{a.method}, {a.epochs} epochs, {n_ex} examples each way")
+          f"{a.method}, {a.epochs} epochs, {a.dtype} base, {n_ex} examples each way")
     print(table(rows, ["way", "seconds", "examples_per_s", "multi_user_speedup", "accuracy"]))
     write_jsonl(a.out, rows, env)
 

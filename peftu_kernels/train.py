@@ -174,13 +174,10 @@ class MultiUserTrainer:
                 i += k
             loss.backward()
             slots = torch.tensor([slot[u.name] for u in group])
-            if cfg.max_grad_norm:
-                opt.clip_(slots, cfg.max_grad_norm)
             k = opt.steps[slots].tolist()
             lrs = torch.tensor([cfg.lr * linear_warmup(k[j], u.total, u.warmup) for j, u in enumerate(group)])
-            opt.step(slots, lrs)
-            for p in opt.params:
-                p.grad = None
+            opt.step(slots, lrs, cfg.max_grad_norm)
+            opt.zero_grad()
             step += 1
             seen += len(examples)
             for u in group:
