@@ -1,6 +1,6 @@
 """Where a training step's time goes, and the ceiling it puts on any multi-user speed-up.
 
-python -m benchmarks.train_step [--users 8] [--dtype float32] [--compile]
+python -m benchmarks.train_step [--users 8] [--dtype float32] [--compile] [--shape flan-t5-base] [--device cuda]
 Times, interleaved so that machine noise hits all alike: HF PEFT's one-user step (the paper's loop: batch 8,
 forward, backward, clipping, AdamW), our one-user step, our multi-user step (every user's 8 rows at once,
 optimiser included) and the frozen base's own forward + backward on the same 64 rows with no adapter at all
@@ -29,6 +29,10 @@ from peftu_kernels.tenancy.banks import trainable
 from peftu_kernels.train import collate, token_losses
 
 
+def _device(model):
+    return next(model.parameters()).device
+
+
 def our_step(model, users, rows_per_user: int, hp: dict):
     """One multi-user step as MultiUserTrainer takes it: fp32 banks, per-user mean losses, SlotAdamW."""
     eng = Engine(model, dtype=torch.float32)
@@ -37,7 +41,7 @@ def our_step(model, users, rows_per_user: int, hp: dict):
     bank = next(iter(eng.banks.values()))
     opt = SlotAdamW([t.requires_grad_(True) for t in trainable(bank)], bank.slots)
     ex = [e for ud in users for e in ud.tokens["train"][:rows_per_user]]
-    ids, mask, lab = collate(ex, model.cfg.pad_token_id)
+    ids, mask, lab = collate(ex, model.cfg.pad_token_id, _device(model))
     batch = eng.batch([ud.user for ud in users for _ in range(rows_per_user)])
     slots = torch.tensor([eng.slots[ud.user][bank.key] for ud in users])
 
@@ -52,12 +56,13 @@ def our_step(model, users, rows_per_user: int, hp: dict):
 
 def hf_step(model, ud, rows: int, hp: dict):
     import peft
-    hf = hf_twin(copy.deepcopy(model).float()).to(next(model.parameters()).dtype)
+    p = next(model.parameters())
+    hf = hf_twin(copy.deepcopy(model).float().cpu()).to(p.device, p.dtype)
     pm = peft.get_peft_model(hf, peft.LoraConfig(task_type="SEQ_2_SEQ_LM", r=hp["r"], lora_alpha=hp["alpha"],
                                                  target_modules=list(hp["targets"]))).train()
     params = [p for p in pm.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4)
-    ids, mask, lab = collate(ud.tokens["train"][:rows], model.cfg.pad_token_id)
+    ids, mask, lab = collate(ud.tokens["train"][:rows], model.cfg.pad_token_id, _device(model))
 
     def step():
         pm(input_ids=ids, attention_mask=mask, labels=lab).loss.backward()
@@ -70,7 +75,7 @@ def hf_step(model, ud, rows: int, hp: dict):
 def base_floor(model, users, rows_per_user: int, compile: bool = False):
     """The frozen base alone, forward + backward to its input (no weight gradients, no adapter)."""
     ex = [e for ud in users for e in ud.tokens["train"][:rows_per_user]]
-    ids, mask, lab = collate(ex, model.cfg.pad_token_id)
+    ids, mask, lab = collate(ex, model.cfg.pad_token_id, _device(model))
 
     class Leaf:  # hooks that do what the base does, except that the embeddings become a leaf needing a
         # gradient, so that backward runs through every layer
@@ -104,12 +109,17 @@ def main(argv=None):
     ap.add_argument("--max-len", type=int, default=96)
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--compile", action="store_true", help="also time the base floor under torch.compile")
+    ap.add_argument("--shape", default=None, help="random weights of this preset (speed only), e.g. flan-t5-base")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--cache", default="runs/cache")
     ap.add_argument("--out", default="results/train_step.jsonl")
     a = ap.parse_args(argv)
     task = load_task(a.task)
     model, tok, _ = embedded_default({a.task: task}, Path(a.cache), progress=False)
-    model = copy.deepcopy(model).to(getattr(torch, a.dtype)).eval()
+    if a.shape:  # speed at a real shape: random weights, the embedded tokenizer's ids fit its vocabulary
+        from peftu_kernels import T5, T5Config
+        model = T5.from_config(T5Config.from_name(a.shape))
+    model = copy.deepcopy(model).to(a.device, getattr(torch, a.dtype)).eval()
     for p in model.parameters():
         p.requires_grad_(False)
     users = prepare(task, a.users, 48)
@@ -125,15 +135,16 @@ def main(argv=None):
         fns["frozen base alone, torch.compile"] = (n, base_floor(model, users, a.rows, compile=True))
         fns["frozen base alone, torch.compile"][1]()
         print(f"torch.compile: {time.perf_counter() - t0:.0f} s to compile")
-    ms = interleaved({k: f for k, (_, f) in fns.items()}, rounds=3, reps=3)
+    ms = interleaved({k: f for k, (_, f) in fns.items()}, a.device, rounds=3, reps=3)
     hf_per_ex = ms["HF PEFT, one user"] / a.rows
     rows = [{"way": k, "rows": r, "ms_per_step": ms[k], "ms_per_example": ms[k] / r,
              "hf_per_example_over_this": hf_per_ex / (ms[k] / r)} for k, (r, _) in fns.items()]
     for r in rows:
-        r.update(bench="train_step", task=a.task, users=a.users, dtype=a.dtype, max_len=a.max_len)
-    env = environment("cpu")
-    print(f"device: {env['device']}, torch {env['torch']}; {a.task}, {a.users} users x {a.rows} rows, "
-          f"{a.dtype}, LoRA {hp['targets']}")
+        r.update(bench="train_step", task=a.task, users=a.users, dtype=a.dtype, max_len=a.max_len,
+                 shape=a.shape or "embedded default")
+    env = environment(a.device)
+    print(f"device: {env['device']}, torch {env['torch']}; {a.shape or 'embedded default'}, {a.task}, "
+          f"{a.users} users x {a.rows} rows, {a.dtype}, LoRA {hp['targets']}")
     print(table(rows, ["way", "rows", "ms_per_step", "ms_per_example", "hf_per_example_over_this"]))
     write_jsonl(a.out, rows, env)
 

@@ -14,4 +14,5 @@ python -m benchmarks.ops --quick --check --out "$OUT/ops.jsonl" 2>&1 | tee "$OUT
 python -m benchmarks.t5_forward --shape flan-t5-base --batch 64 --seq 128 --out "$OUT/t5.jsonl" 2>&1 | tee "$OUT/t5.md"
 python -m benchmarks.mixed_batch --shape flan-t5-base --users 64 --batch 64 --backend triton --out "$OUT/mixed.jsonl" 2>&1 | tee "$OUT/mixed.md"
 python -m benchmarks.train_users --shape flan-t5-base --users 16 --epochs 2 --cache "$OUT/cache" --out "$OUT/train.jsonl" 2>&1 | tee "$OUT/train.md"
+python -m benchmarks.train_step --shape flan-t5-base --users 16 --dtype bfloat16 --cache "$OUT/cache" --out "$OUT/train_step.jsonl" 2>&1 | tee "$OUT/train_step.md"
 python -m benchmarks.serving --shapes flan-t5-base --quick --out "$OUT/serving.jsonl" 2>&1 | tail -60 | tee "$OUT/serving.md"
