@@ -34,14 +34,13 @@ class SlotAdamW:
     def _grads(self, sl: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The slots' gradients (U, N) fp32, and a column mask of tensors without a .grad (None if all have one):
         torch.optim skips those entirely (no weight decay, no moment update)."""
-        U = sl.numel()
-        parts = [p.grad[sl].reshape(U, -1) if p.grad is not None else
-                 torch.zeros(U, n, dtype=self.flat.dtype, device=self.flat.device) for p, n in zip(self.params, self.sizes)]
-        g = torch.cat(parts, 1).float() if parts else torch.zeros(U, 0, device=self.flat.device)
+        U, dev = sl.numel(), self.flat.device
+        pairs = list(zip(self.params, self.sizes))
+        g = torch.cat([p.grad[sl].reshape(U, -1) if p.grad is not None else torch.zeros(U, n, device=dev)
+                       for p, n in pairs] or [torch.zeros(U, 0, device=dev)], 1).float()
         if all(p.grad is not None for p in self.params):
             return g, None
-        skip = torch.cat([torch.full((n,), p.grad is None, device=self.flat.device) for p, n in zip(self.params, self.sizes)])
-        return g, skip
+        return g, torch.cat([torch.full((n,), p.grad is None, device=dev) for p, n in pairs])
 
     @torch.no_grad()
     def step(self, slots: torch.Tensor, lrs: torch.Tensor, max_norm: float | None = None) -> torch.Tensor | None:
@@ -82,8 +81,8 @@ class SlotAdamW:
     def load_slot_state(self, slot: int, st: dict[str, torch.Tensor]) -> None:
         self.steps[slot] = int(st["steps"][0])
         for name, buf in (("m", self.m), ("v", self.v)):
-            buf[slot] = torch.cat([st[f"{name}.{i}"].reshape(-1).to(buf) for i in range(len(self.params))]) \
-                if self.params else buf[slot]
+            if self.params:
+                buf[slot] = torch.cat([st[f"{name}.{i}"].reshape(-1).to(buf) for i in range(len(self.params))])
 
 
 def linear_warmup(step: int, total: int, warmup: int) -> float:
