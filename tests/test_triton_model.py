@@ -67,3 +67,31 @@ def test_training_on_triton_backward_equals_reference(setup, method):
             moved = float((v.cpu() - init[u].tensors[k]).abs().max())
             assert moved > 1e-3, f"{method} {k} did not train"
             torch.testing.assert_close(out["triton"][u].tensors[k], v, rtol=1e-4, atol=1e-4 * float(v.abs().max()))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("method", ["lora", "houlsby", "ia3"])
+def test_training_under_a_16bit_base_on_triton_matches_reference(setup, method, dtype):
+    """float32 banks under a 16-bit base: the kernels read fp32 weights against 16-bit activations and
+    write fp32 gradients; the two backends round differently, so updates are compared by direction."""
+    import copy
+    if dtype == torch.bfloat16 and DEV == "cpu":
+        pytest.skip("the Triton interpreter's tl.dot multiplies bf16 bit patterns (triton-lang/triton#11584, "
+                    "unsupported upstream); bf16 is checked on a GPU")
+    cfg, model, _ = setup
+    model = copy.deepcopy(model).to(dtype)
+    g = torch.Generator().manual_seed(2)
+    data = {f"u{i}": {"train": [(torch.randint(3, cfg.vocab_size, (5,), generator=g).tolist() + [1], [7, 1])
+                                for _ in range(4)], "val": []} for i in range(2)}
+    tc = TrainConfig(epochs=1, batch_size=2, lr=1e-2, warmup_ratio=0.0, eps=1e-3)
+    hp = {"lora": dict(r=3, alpha=6), "houlsby": dict(reduction_factor=9), "ia3": {}}[method]
+    init = {u: new_module(model, method, u, **hp) for u in data}
+    out = {b: MultiUserTrainer(model, tc, backend=b, progress=False).train(data, init)
+           for b in ("reference", "triton")}
+    for u in data:
+        for k, t0 in init[u].tensors.items():
+            got, ref = out["triton"][u].tensors[k], out["reference"][u].tensors[k]
+            assert got.dtype == torch.float32 and ref.dtype == torch.float32, k
+            d_got, d_ref = (got.cpu() - t0.float()).flatten(), (ref.cpu() - t0.float()).flatten()
+            cos = float(torch.nn.functional.cosine_similarity(d_got, d_ref, 0))
+            assert cos > 0.9, f"{method} {u} {k}: triton vs reference update cosine {cos:.3f}"
