@@ -106,6 +106,11 @@ def main(argv=None):
     n_ex = sum(len(d["train"]) for d in data.values()) * cfg.epochs
     init = {u: new_module(model, a.method, u, 42, **hp) for u in data}
     res = {}
+    # warm-up, untimed: kernel compilation, allocator and library start-up land in no one's time
+    warm = {u: {"train": data[u]["train"][:cfg.batch_size], "val": []} for u in list(data)[:2]}
+    wcfg = TrainConfig(epochs=1, batch_size=8, lr=cfg.lr)
+    MultiUserTrainer(model, wcfg, progress=False).train(warm, init)
+    MultiUserTrainer(model, wcfg, progress=False).train(dict(list(warm.items())[:1]), init)
     t0 = time.perf_counter()
     together = MultiUserTrainer(model, cfg, progress=False).train(data, init)
     res["multi-user (ours)"] = (time.perf_counter() - t0, together)
@@ -126,6 +131,8 @@ def main(argv=None):
     if not a.no_hf and a.method == "lora":
         hf = hf_twin(model.cpu()).to(a.device, dtype)  # PEFT keeps its LoRA weights float32 over it
         model.to(a.device)
+        u0 = next(iter(data))
+        hf_peft_one_user(hf, warm[u0]["train"], wcfg, u0, hp, init[u0], a.device)  # warm-up, untimed
         t0 = time.perf_counter()
         pms = {u: hf_peft_one_user(hf, data[u]["train"], cfg, u, hp, init[u], a.device) for u in data}
         s = time.perf_counter() - t0
