@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # The prepared GPU check (one call on an H100/H200): kernel tests compiled for real, then the benchmarks.
-# Writes everything under ${OUT:-gpu_out}. Needs torch, triton, transformers, peft already installed.
+# Writes everything under ${OUT:-gpu_out}. Each part has its own time limit (530 s in all, under the
+# device's 600 s per call), so one slow part cannot take the others' results with it.
+# Needs torch, triton, transformers, peft already installed.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu_out}
@@ -9,10 +11,10 @@ export TRITON_INTERPRET=0 PYTHONPATH=$PWD
 # the data root: ../shared/data beside a checkout, or shared/data inside the device copy
 export PEFTU_DATA=${PEFTU_DATA:-$(ls -d ../shared/data shared/data 2>/dev/null | head -1)}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
-python -m pytest -q -x tests/test_triton_ops.py tests/test_triton_model.py tests/test_cuda_build.py 2>&1 | tail -25 | tee "$OUT/tests.txt"
-python -m benchmarks.ops --quick --check --out "$OUT/ops.jsonl" 2>&1 | tee "$OUT/ops.md"
-python -m benchmarks.t5_forward --shape flan-t5-base --batch 64 --seq 128 --out "$OUT/t5.jsonl" 2>&1 | tee "$OUT/t5.md"
-python -m benchmarks.mixed_batch --shape flan-t5-base --users 64 --batch 64 --backend triton --out "$OUT/mixed.jsonl" 2>&1 | tee "$OUT/mixed.md"
-python -m benchmarks.train_users --shape flan-t5-base --users 16 --epochs 2 --cache "$OUT/cache" --out "$OUT/train.jsonl" 2>&1 | tee "$OUT/train.md"
-python -m benchmarks.train_step --shape flan-t5-base --users 16 --dtype bfloat16 --cache "$OUT/cache" --out "$OUT/train_step.jsonl" 2>&1 | tee "$OUT/train_step.md"
-python -m benchmarks.serving --shapes flan-t5-base --quick --out "$OUT/serving.jsonl" 2>&1 | tail -60 | tee "$OUT/serving.md"
+timeout 100 python -m pytest -q -x tests/test_triton_ops.py tests/test_triton_model.py tests/test_cuda_build.py 2>&1 | tail -25 | tee "$OUT/tests.txt"
+timeout 80 python -m benchmarks.ops --quick --check --out "$OUT/ops.jsonl" 2>&1 | tee "$OUT/ops.md"
+timeout 50 python -m benchmarks.t5_forward --shape flan-t5-base --batch 64 --seq 128 --out "$OUT/t5.jsonl" 2>&1 | tee "$OUT/t5.md"
+timeout 50 python -m benchmarks.mixed_batch --shape flan-t5-base --users 64 --batch 64 --backend triton --out "$OUT/mixed.jsonl" 2>&1 | tee "$OUT/mixed.md"
+timeout 110 python -m benchmarks.train_users --shape flan-t5-base --users 16 --epochs 2 --cache "$OUT/cache" --out "$OUT/train.jsonl" 2>&1 | tee "$OUT/train.md"
+timeout 60 python -m benchmarks.train_step --shape flan-t5-base --users 16 --dtype bfloat16 --cache "$OUT/cache" --out "$OUT/train_step.jsonl" 2>&1 | tee "$OUT/train_step.md"
+timeout 80 python -m benchmarks.serving --shapes flan-t5-base --quick --out "$OUT/serving.jsonl" 2>&1 | tail -60 | tee "$OUT/serving.md"
