@@ -17,6 +17,9 @@ class Segments:
     slot: torch.Tensor
     group: int = 0
 
+    def to(self, device) -> "Segments":
+        return Segments(self.order.to(device), self.starts.to(device), self.slot.to(device), self.group)
+
 
 def make_segments(slots: torch.Tensor) -> Segments:
     """Sort rows by slot (stable) and cut them into one segment per distinct slot; rows < 0 left out."""
@@ -43,7 +46,7 @@ class BatchMeta:
         for k in keys:
             s = torch.tensor([r.get(k, -1) for r in per_row], dtype=torch.long)
             slots[k] = s.to(device)
-            segs[k] = make_segments(s.to(device))
+            segs[k] = make_segments(s).to(device)  # sorted on the host: no device syncs per batch
         return cls(slots, segs, len(per_row))
 
     def has(self, key: str) -> bool:
