@@ -21,7 +21,7 @@ GLOBAL = dict(vocab=4096, examples_per_task=600, epochs=2, batch=32, lr=2e-3, ma
 
 def _key(tasks, cfg: T5Config, g: dict) -> str:
     sig = {"tasks": {n: [t.n_annotations, len(t.users)] for n, t in sorted(tasks.items())}, "cfg": cfg.to_hf(),
-           "global": g, "v": 2}
+           "global": g, "v": 3}  # v3: BPE tokenizer
     return hashlib.sha256(json.dumps(sig, sort_keys=True).encode()).hexdigest()[:16]
 
 

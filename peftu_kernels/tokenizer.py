@@ -1,4 +1,9 @@
-"""A T5-style Unigram tokenizer trained locally (for the embedded default): pad 0, eos 1, unk 2."""
+"""A subword tokenizer trained locally for the embedded default: T5's ids for pad 0, eos 1, unk 2, T5's
+whitespace marker (Metaspace "▁"), an appended </s>.
+
+BPE rather than T5's Unigram: the tokenizers Unigram trainer returns different piece orders and score
+digits from run to run (hash-map iteration order), so the main job's numbers moved between runs; BPE
+training is deterministic."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -6,16 +11,16 @@ from typing import Iterable
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int = 4096, folder=None):
-    """Train a SentencePiece-style Unigram model; returns a `PreTrainedTokenizerFast` that appends </s>."""
+    """Train a byte-pair model; returns a `PreTrainedTokenizerFast` that appends </s>."""
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
-    tok = Tokenizer(models.Unigram())
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Replace("\n", " ")])
     tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
     tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
-    trainer = trainers.UnigramTrainer(vocab_size=vocab_size, special_tokens=["<pad>", "</s>", "<unk>"],
-                                      unk_token="<unk>", max_piece_length=16)
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<pad>", "</s>", "<unk>"],
+                                  max_token_length=16, show_progress=False)
     tok.train_from_iterator(texts, trainer)
     tok.post_processor = processors.TemplateProcessing(single="$A </s>", pair="$A </s> $B </s>",
                                                        special_tokens=[("</s>", 1)])
