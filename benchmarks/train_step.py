@@ -12,21 +12,17 @@ from __future__ import annotations
 import argparse
 import copy
 import time
-from pathlib import Path
 
 import torch
 
-from bench_suite.data import load_task
 from bench_suite.methods import SMALL_HP
-from bench_suite.model import embedded_default
-from bench_suite.workload import prepare, tokenize
 from benchmarks.common import environment, interleaved, table, write_jsonl
-from benchmarks.train_users import hf_twin
+from benchmarks.train_users import hf_twin, setup
 from peftu_kernels.init import new_module
 from peftu_kernels.optim import SlotAdamW
 from peftu_kernels.tenancy import Engine
 from peftu_kernels.tenancy.banks import trainable
-from peftu_kernels.train import collate, token_losses
+from peftu_kernels.train import collate, token_losses, user_loss
 
 
 def _device(model):
@@ -47,8 +43,7 @@ def our_step(model, users, rows_per_user: int, hp: dict):
 
     def step():
         s, n = token_losses(model, ids, mask, lab, batch)
-        k = rows_per_user
-        sum(s[i:i + k].sum() / n[i:i + k].sum() for i in range(0, len(ex), k)).backward()
+        user_loss(s, n, [rows_per_user] * len(users)).backward()
         opt.step(slots, torch.full((len(users),), 1e-4), 1.0)
         opt.zero_grad()
     return step
@@ -114,16 +109,9 @@ def main(argv=None):
     ap.add_argument("--cache", default="runs/cache")
     ap.add_argument("--out", default="results/train_step.jsonl")
     a = ap.parse_args(argv)
-    task = load_task(a.task)
-    model, tok, _ = embedded_default({a.task: task}, Path(a.cache), progress=False)
-    if a.shape:  # speed at a real shape: random weights, the embedded tokenizer's ids fit its vocabulary
-        from peftu_kernels import T5, T5Config
-        model = T5.from_config(T5Config.from_name(a.shape))
-    model = copy.deepcopy(model).to(a.device, getattr(torch, a.dtype)).eval()
+    _, model, _, users = setup(a.task, a.users, 48, a.max_len, a.cache, a.shape, a.device, getattr(torch, a.dtype))
     for p in model.parameters():
         p.requires_grad_(False)
-    users = prepare(task, a.users, 48)
-    tokenize(users, tok, a.max_len, truncate_left=True)
     hp = SMALL_HP["lora"]
     n = a.users * a.rows
     fns = {"HF PEFT, one user": (a.rows, hf_step(model, users[0], a.rows, hp)),

@@ -26,6 +26,20 @@ from peftu_kernels.tenancy import Engine
 from peftu_kernels.train import MultiUserTrainer, TrainConfig, collate
 
 
+def setup(task_name: str, n_users: int, max_train: int, max_len: int, cache, shape: str | None, device, dtype):
+    """(task, frozen base, users with token ids): the embedded default's base and tokenizer, or with `shape`
+    random weights of that preset (speed only; the embedded tokenizer's ids fit its vocabulary)."""
+    task = load_task(task_name)
+    model, tok, _ = embedded_default({task_name: task}, Path(cache), progress=False)
+    if shape:
+        from peftu_kernels import T5, T5Config
+        model = T5.from_config(T5Config.from_name(shape))
+    model = model.to(device, dtype).eval()
+    users = prepare(task, n_users, max_train)
+    tokenize(users, tok, max_len, truncate_left=True)
+    return task, model, tok, users
+
+
 def hf_twin(model):
     import transformers
     hcfg = transformers.T5Config(**{k: v for k, v in model.cfg.to_hf().items() if k != "architectures"})
@@ -91,15 +105,8 @@ def main(argv=None):
                     help="the frozen base's dtype, every way alike (adapter weights stay float32)")
     ap.add_argument("--out", default="results/train_users.jsonl")
     a = ap.parse_args(argv)
-    task = load_task(a.task)
-    model, tok, _ = embedded_default({a.task: task}, Path(a.cache), progress=False)
-    if a.shape:  # speed at a real shape: random weights, the embedded tokenizer's ids fit its vocabulary
-        from peftu_kernels import T5, T5Config
-        model = T5.from_config(T5Config.from_name(a.shape)).eval()
     dtype = getattr(torch, a.dtype)
-    model = model.to(a.device, dtype)
-    users = prepare(task, a.users, a.max_train)
-    tokenize(users, tok, a.max_len, truncate_left=True)
+    task, model, tok, users = setup(a.task, a.users, a.max_train, a.max_len, a.cache, a.shape, a.device, dtype)
     hp = SMALL_HP.get(a.method, {})
     cfg = TrainConfig(epochs=a.epochs, batch_size=8, lr=SMALL_LR[a.method])
     data = {ud.user: {"train": ud.tokens["train"], "val": []} for ud in users}

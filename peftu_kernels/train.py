@@ -62,6 +62,16 @@ def token_losses(model: T5, ids, mask, labels, peft):
     return ce.sum(1), (labels != -100).sum(1)
 
 
+def user_loss(s, n_tok, counts: list[int]):
+    """The sum of per-user mean token losses: rows come `counts[i]` per user, in order, so each user's
+    gradient is the one it would get trained alone."""
+    loss, i = 0.0, 0
+    for k in counts:
+        loss = loss + s[i:i + k].sum() / n_tok[i:i + k].sum().clamp(min=1)
+        i += k
+    return loss
+
+
 class _User:
     def __init__(self, name: str, train: list[Example], val: list[Example], cfg: TrainConfig):
         self.name, self.train, self.val = name, train, val
@@ -168,11 +178,7 @@ class MultiUserTrainer:
             peft = eng.batch(rows)
             self._ptuning_prompts(bank, [slot[u.name] for u in group])
             s, n_tok = token_losses(self.model, ids, mask, lab, peft)
-            loss, i = 0.0, 0
-            for u, k in owners:  # the sum of per-user mean token losses
-                loss = loss + s[i:i + k].sum() / n_tok[i:i + k].sum().clamp(min=1)
-                i += k
-            loss.backward()
+            user_loss(s, n_tok, [k for _, k in owners]).backward()
             slots = torch.tensor([slot[u.name] for u in group])
             k = opt.steps[slots].tolist()
             lrs = torch.tensor([cfg.lr * linear_warmup(k[j], u.total, u.warmup) for j, u in enumerate(group)])
