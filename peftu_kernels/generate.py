@@ -11,6 +11,8 @@ def greedy(model: T5, input_ids, attention_mask=None, max_new_tokens: int = 16, 
     """New tokens (B, <= max_new_tokens), pad after each row's EOS, as HF's greedy `generate` gives them
     (without the start token). Cross-attention keys/values are computed once per request."""
     cfg = model.cfg
+    if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
     enc, mask = model.encode(input_ids, attention_mask, peft)
     cache = model.new_cache(enc, mask, peft, max_new_tokens)
     B = input_ids.shape[0]
@@ -26,6 +28,18 @@ def greedy(model: T5, input_ids, attention_mask=None, max_new_tokens: int = 16, 
             break
         tok = nxt[:, None]
     return torch.stack(out, 1)
+
+
+def check_labels(labels, vocab_size: int) -> None:
+    if not isinstance(labels, (list, tuple)) or not labels:
+        raise ValueError(f"labels must be a non-empty list of candidates (lists of token ids), got {labels!r}")
+    for c, lab in enumerate(labels):
+        if not isinstance(lab, (list, tuple)) or not lab:
+            raise ValueError(f"label candidate {c} must be a non-empty list of token ids, got {lab!r}")
+        bad = [t for t in lab if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab_size]
+        if bad:
+            raise ValueError(f"label candidate {c} has ids {bad[:4]} outside this model's vocabulary "
+                             f"[0, {vocab_size})")
 
 
 def pack_labels(labels: list[list[int]], device=None):
@@ -49,6 +63,7 @@ def score_labels(model: T5, input_ids, attention_mask, labels: list[list[int]], 
     """(B, C) log-likelihood of each candidate label (token ids, EOS included if given) for each row.
     All candidates share one decoder pass per row: no copies of the encoder output."""
     cfg = model.cfg
+    check_labels(labels, cfg.vocab_size)
     enc, mask = model.encode(input_ids, attention_mask, peft)
     tgt, local, allowed = pack_labels(labels, input_ids.device)
     C, L = tgt.shape

@@ -57,6 +57,31 @@ def attention(q, k, v, bias):
     return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=1.0)
 
 
+def check_inputs(cfg: T5Config, input_ids, attention_mask=None) -> torch.Tensor:
+    """Refuse what the model would silently mis-read; returns the mask as bool. Costs one host sync."""
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.is_floating_point() \
+            or input_ids.dtype == torch.bool:
+        raise ValueError(f"input_ids must be a 2-D integer tensor (batch, length), got "
+                         f"{getattr(input_ids, 'dtype', type(input_ids).__name__)} {tuple(getattr(input_ids, 'shape', ()))}")
+    B, L = input_ids.shape
+    if B == 0 or L == 0:
+        raise ValueError(f"input_ids is empty: shape {(B, L)} (need at least one row and one token)")
+    if attention_mask is None:
+        mask = torch.ones_like(input_ids, dtype=torch.bool)
+    else:
+        if not isinstance(attention_mask, torch.Tensor) or attention_mask.shape != input_ids.shape:
+            raise ValueError(f"attention_mask must have input_ids' shape {(B, L)}, got "
+                             f"{tuple(getattr(attention_mask, 'shape', ()))}")
+        mask = attention_mask.bool()
+    lo, hi, empty = torch.stack([input_ids.min(), input_ids.max(), (~mask.any(1)).sum()]).tolist()
+    if lo < 0 or hi >= cfg.vocab_size:
+        raise ValueError(f"input_ids hold ids in [{lo}, {hi}], outside this model's vocabulary [0, {cfg.vocab_size})")
+    if empty:
+        rows = (~mask.any(1)).nonzero().flatten().tolist()
+        raise ValueError(f"rows {rows[:8]} have no tokens (attention_mask all zero): nothing to answer")
+    return mask
+
+
 class RMSNorm(nn.Module):
     def __init__(self, d: int, eps: float):
         super().__init__()
@@ -165,10 +190,11 @@ class Stack(nn.Module):
         self.final_layer_norm = RMSNorm(cfg.d_model, cfg.layer_norm_epsilon)
 
     def position_bias(self, qpos: torch.Tensor, kpos: torch.Tensor, delta=None) -> torch.Tensor:
-        """(1|B, H, Lq, Lk) bias from layer 0's table, shared by every layer (as in T5). `delta` (B,) shifts each
-        row's relative positions (AdapterHub's prefix tuning places a row's real keys after its prefix)."""
-        rel = kpos[None, :] - qpos[:, None]
-        rel = rel[None] if delta is None else rel[None] + delta[:, None, None]
+        """(1|B, H, Lq, Lk) bias from layer 0's table, shared by every layer (as in T5). `delta` shifts each
+        row's (B,) or each row and key's (B, Lk) relative positions (AdapterHub's prefix tuning places a row's real keys after its prefix)."""
+        rel = (kpos[None, :] - qpos[:, None])[None]
+        if delta is not None:  # (B,) per row, or (B, Lk) per row and key column
+            rel = rel + (delta[:, None, None] if delta.dim() == 1 else delta[:, None, :])
         b = relative_bucket(rel, not self.decoder, self.cfg.relative_attention_num_buckets,
                             self.cfg.relative_attention_max_distance)
         # contiguous: a permuted bias would make every layer's attention copy the (B, H, Lq, Lk) sum again
@@ -209,15 +235,17 @@ class T5(nn.Module):
     # --- encoder -----------------------------------------------------------------------------------
     def encode(self, input_ids, attention_mask=None, peft=None):
         """-> (hidden (B, L', D), mask (B, L') bool); L' includes prompt-tuning tokens when peft adds them."""
+        mask = check_inputs(self.cfg, input_ids, attention_mask)
         x = self.shared(input_ids)
-        mask = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
         plen, delta, kmask = 0, None, mask
         if peft is not None:
+            peft.check(input_ids.shape[0])
+            width = x.shape[1]
             x, mask = peft.prompt(x, mask)
             plen, kmask = peft.prefix_len("encoder"), mask
             if plen:  # encoder prefixes (AdapterHub): keys only, visible to every query
                 kmask = torch.cat([peft.prefix_mask("encoder"), mask], 1)
-                delta = peft.prefix_delta("encoder")
+                delta = peft.prefix_delta("encoder", x.shape[1] - width, x.shape[1])
         kpos = torch.arange(plen + x.shape[1], device=x.device)
         bias = self.encoder.position_bias(kpos[plen:], kpos, delta).to(x.dtype) + \
             mask_to_bias(kmask[:, None, None, :], x.dtype)
@@ -240,6 +268,8 @@ class T5(nn.Module):
     def new_cache(self, enc, enc_mask, peft=None, max_new_tokens: int = 16) -> DecoderCache:
         """Cross-attention keys/values once per request; self-attention slots for prefix + new tokens."""
         B, dev, dt = enc.shape[0], enc.device, enc.dtype
+        if peft is not None:
+            peft.check(B)
         plen = peft.prefix_len("decoder") if peft is not None else 0
         cap, layers = plen + max_new_tokens, []
         for blk, ckv in zip(self.decoder.block, self.cross_kv(enc, peft)):
@@ -260,6 +290,10 @@ class T5(nn.Module):
         """Decoder logits (B, L, V). Teacher-forced when `cache` is None; else appends to the cache.
         `positions` (L,) / `allowed` (B|1, L, L) bool override the causal layout (label scoring packs
         several candidates in a row)."""
+        if dec_ids.dim() != 2 or dec_ids.shape[0] != enc.shape[0] or dec_ids.shape[1] < 1:
+            raise ValueError(f"decoder ids must be (B={enc.shape[0]}, L>=1), got {tuple(dec_ids.shape)}")
+        if peft is not None:
+            peft.check(dec_ids.shape[0])
         x = self.shared(dec_ids)
         B, L, dev, dt = *dec_ids.shape, x.device, x.dtype
         if cache is not None:
@@ -292,6 +326,7 @@ class T5(nn.Module):
         return self.lm_head(x)
 
     def forward(self, input_ids, decoder_input_ids, attention_mask=None, peft=None):
+        check_inputs(self.cfg, decoder_input_ids)
         enc, mask = self.encode(input_ids, attention_mask, peft)
         return self.decode(decoder_input_ids, enc, mask, peft)
 
@@ -301,13 +336,6 @@ class T5(nn.Module):
         d[:, 0] = self.cfg.decoder_start_token_id
         d[:, 1:] = labels[:, :-1].masked_fill(labels[:, :-1] == -100, self.cfg.pad_token_id)
         return d
-
-    def loss(self, input_ids, labels, attention_mask=None, peft=None, reduction="mean"):
-        logits = self.forward(input_ids, self.shift_right(labels), attention_mask, peft)
-        ce = F.cross_entropy(logits.float().transpose(1, 2), labels, ignore_index=-100, reduction="none")
-        if reduction == "none":  # per-row mean over that row's label tokens
-            return ce.sum(1) / (labels != -100).sum(1).clamp(min=1)
-        return ce.sum() / (labels != -100).sum().clamp(min=1)
 
     @torch.no_grad()
     def init_weights(self, seed: int = 0):

@@ -40,11 +40,16 @@ class BatchMeta:
     batch_size: int
 
     @classmethod
-    def build(cls, per_row: list[dict[str, int]], device) -> "BatchMeta":
+    def build(cls, per_row: list[dict[str, int]], device, bank_slots: dict[str, int] | None = None) -> "BatchMeta":
+        """`bank_slots`: each bank's size; every slot is checked against it here, once, on the host, so that
+        no kernel is ever handed an index past its bank."""
         keys = sorted({k for r in per_row for k in r})
         slots, segs = {}, {}
         for k in keys:
-            s = torch.tensor([r.get(k, -1) for r in per_row], dtype=torch.long)
+            vals = [r.get(k, -1) for r in per_row]
+            if bank_slots is not None and not all(-1 <= v < bank_slots.get(k, 0) for v in vals):
+                raise IndexError(f"BatchMeta: bank {k!r} has {bank_slots.get(k, 0)} slots, rows ask for {vals}")
+            s = torch.tensor(vals, dtype=torch.long)
             slots[k] = s.to(device)
             segs[k] = make_segments(s).to(device)  # sorted on the host: no device syncs per batch
         return cls(slots, segs, len(per_row))

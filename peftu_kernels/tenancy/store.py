@@ -1,20 +1,68 @@
-"""Save and load a user's modules: one safetensors file per method (config in its metadata), written atomically."""
+"""Save and load a user's modules as one set: all methods or none, whatever crashes when.
+
+A user folder holds one safetensors file per method (config in its metadata) and `manifest.json`, which
+names the files of the current set and the user id. A save writes new files under fresh names, fsyncs
+them, then replaces the manifest with one atomic rename (the commit point) and fsyncs the folder; only
+then are files of earlier sets and orphaned temporaries removed. A load reads only what the manifest names,
+so a stale file of another method, or a half-written set, is never loaded back as part of the user.
+Folders written before manifests existed (one `<method>.safetensors` each) are still read.
+
+`UserStore` maps user ids to folders under one root (`ids.folder_name`), so no id reaches outside it.
+"""
 from __future__ import annotations
 
 import json
+import os
+import re
+import secrets
+import shutil
 from pathlib import Path
 
 from safetensors import safe_open
 
-from ..io import load_tensors, save_tensors
+from ..io import fsync_dir, load_json, load_tensors, save_json, save_tensors
+from .ids import check_id, folder_name, user_of
 from .modules import METHODS, UserModule
 
+FORMAT = "peftu-user-1"
+MANIFEST = "manifest.json"
+_METHOD = "(?:" + "|".join(METHODS) + ")"
+_OURS = re.compile(rf"^(?:{_METHOD}(?:\.[0-9a-f]{{8}})?\.safetensors|\.(?:{_METHOD}|manifest)\..*\.tmp)$")  # what a save may delete
 
-def save_user(folder, modules: list[UserModule]) -> None:
+
+def save_user(folder, modules: list[UserModule], user: str | None = None) -> None:
+    """Write `modules` as the folder's new set (atomically, see the module doc). `user` is recorded."""
     folder = Path(folder)
-    for m in modules:
-        save_tensors(folder / f"{m.method}.safetensors", m.tensors,
-                     {"method": m.method, "config": json.dumps(m.config), "format": "peftu-1"})
+    methods = [m.method for m in modules]
+    if not modules or len(set(methods)) != len(methods):
+        raise ValueError(f"{folder}: a user's set needs one module per method, got {methods}")
+    folder.mkdir(parents=True, exist_ok=True)
+    tag, written = secrets.token_hex(4), []
+    try:
+        files = {}
+        for m in modules:
+            name = f"{m.method}.{tag}.safetensors"
+            written.append(folder / name)
+            save_tensors(folder / name, m.tensors, {"method": m.method, "config": json.dumps(m.config),
+                                                    "format": "peftu-1"})
+            files[m.method] = name
+        save_json(folder / MANIFEST, {"format": FORMAT, "user": user, "files": files})  # the commit point
+    except BaseException:
+        for f in written:
+            f.unlink(missing_ok=True)
+        raise
+    _clean(folder, keep=set(files.values()))
+
+
+def _clean(folder: Path, keep: set[str]) -> None:
+    """Remove earlier sets' files and orphaned temporaries; never anything a save could not have written."""
+    removed = False
+    for f in folder.iterdir():
+        if f.name not in keep and f.name != MANIFEST and _OURS.match(f.name) and f.is_file():
+            f.unlink(missing_ok=True)
+            removed = True
+    if removed:
+        fsync_dir(folder)
 
 
 def load_module(path) -> UserModule:
@@ -28,12 +76,90 @@ def load_module(path) -> UserModule:
         config = json.loads(meta.get("config", "{}"))
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: bad config metadata ({e})") from e
+    if not isinstance(config, dict):
+        raise ValueError(f"{path}: config metadata must be a JSON object, got {type(config).__name__}")
     return UserModule(meta["method"], tensors, config)
+
+
+def read_manifest(folder) -> dict | None:
+    """The folder's manifest, checked; None for a folder from before manifests."""
+    path = Path(folder) / MANIFEST
+    if not path.exists():
+        return None
+    man = load_json(path)
+    files = man.get("files") if isinstance(man, dict) else None
+    if not isinstance(man, dict) or man.get("format") != FORMAT or not isinstance(files, dict) or not files:
+        raise ValueError(f"{path}: not a peftu user manifest (format {FORMAT!r} with a non-empty 'files' map)")
+    for method, name in files.items():
+        if method not in METHODS or not isinstance(name, str) or not _OURS.match(name) or name.startswith("."):
+            raise ValueError(f"{path}: bad entry {method!r}: {name!r}")
+    return man
 
 
 def load_user(folder) -> list[UserModule]:
     folder = Path(folder)
-    files = sorted(folder.glob("*.safetensors"))
-    if not files:
-        raise FileNotFoundError(f"{folder}: no module files (*.safetensors)")
-    return [load_module(f) for f in files]
+    man = read_manifest(folder)
+    if man is None:  # written before manifests: every module file in the folder
+        files = sorted(f for f in folder.glob("*.safetensors") if re.match(rf"^{_METHOD}\.safetensors$", f.name))
+        if not files:
+            raise FileNotFoundError(f"{folder}: no {MANIFEST} and no module files (*.safetensors)")
+        return [load_module(f) for f in files]
+    out = []
+    for method, name in sorted(man["files"].items()):
+        m = load_module(folder / name)
+        if m.method != method:
+            raise ValueError(f"{folder / name}: holds a {m.method} module, the manifest says {method}")
+        out.append(m)
+    return out
+
+
+class UserStore:
+    """Users' sets under one root folder, one sub-folder per user id (any string is a safe id)."""
+
+    def __init__(self, root):
+        self.root = Path(root)
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            probe = self.root / f".probe.{secrets.token_hex(4)}.tmp"
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as e:
+            raise ValueError(f"store folder {self.root} is not a writable folder ({e})") from e
+
+    def path(self, user: str) -> Path:
+        return self.root / folder_name(check_id(user))
+
+    def save(self, user: str, modules: list[UserModule]) -> None:
+        save_user(self.path(user), modules, user)
+
+    def load(self, user: str) -> list[UserModule]:
+        p = self.path(user)
+        man = read_manifest(p)
+        if man is not None and man.get("user") not in (None, user):
+            raise ValueError(f"{p}: holds user {man.get('user')!r}, not {user!r}")
+        return load_user(p)
+
+    def has(self, user: str) -> bool:
+        return (self.path(user) / MANIFEST).is_file()
+
+    def remove(self, user: str) -> None:
+        """Delete the user's set: the manifest first (after that the set is gone), then its files."""
+        p = self.path(user)
+        if (p / MANIFEST).exists():
+            os.unlink(p / MANIFEST)
+            fsync_dir(p)
+        if p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+
+    def users(self) -> list[str]:
+        """Ids of the users stored here (from folder names, or the manifest for hashed names)."""
+        out = []
+        for d in sorted(self.root.iterdir()) if self.root.is_dir() else []:
+            if not (d / MANIFEST).is_file():
+                continue
+            u = user_of(d.name)
+            if u is None:
+                u = (read_manifest(d) or {}).get("user")
+            if isinstance(u, str) and folder_name(u) == d.name:
+                out.append(u)
+        return out
