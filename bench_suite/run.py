@@ -15,10 +15,38 @@ import torch
 from benchmarks.common import environment
 
 from . import report
-from .data import ALL_TASKS, MissingData, available, data_root
+from peftu_kernels.io import save_json
+
+from .data import ALL_TASKS, DataError, MissingData, available, data_root
 from .methods import ALL_METHODS, BASELINES, run_baseline, run_peft
 from .model import embedded_default, from_checkpoint
 from .workload import prepare, tokenize
+
+
+def _positive(s: str) -> int:
+    try:
+        v = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {s!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {v}")
+    return v
+
+
+def _lrs(s: str) -> dict[str, float]:
+    """'prompt=0.3,lora=1e-3' -> {method: lr}; each method known, each lr a positive number."""
+    out = {}
+    for item in s.split(","):
+        k, eq, v = item.partition("=")
+        if not eq or k not in ALL_METHODS:
+            raise argparse.ArgumentTypeError(f"{item!r}: expected METHOD=LR with METHOD one of {ALL_METHODS}")
+        try:
+            out[k] = float(v)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{item!r}: learning rate {v!r} is not a number") from None
+        if not 0 < out[k] < float("inf"):
+            raise argparse.ArgumentTypeError(f"{item!r}: learning rate must be positive and finite")
+    return out
 
 
 def parse(argv=None):
@@ -32,22 +60,33 @@ def parse(argv=None):
     ap.add_argument("--out", default="runs/default", help="output folder (reused: finished parts are kept)")
     ap.add_argument("--cache", default=None, help="model cache folder (default: <out>/../cache)")
     ap.add_argument("--full", action="store_true", help="every task, every user, the paper's settings")
-    ap.add_argument("--users-per-task", type=int, default=4)
-    ap.add_argument("--max-train", type=int, default=40, help="train examples per user (embedded default)")
-    ap.add_argument("--epochs", type=int, default=10)
-    ap.add_argument("--max-len", type=int, default=96)
-    ap.add_argument("--max-new-tokens", type=int, default=12)
-    ap.add_argument("--eval-batch", type=int, default=64)
-    ap.add_argument("--users-per-step", type=int, default=None)
-    ap.add_argument("--lr", default=None, help="learning-rate overrides, e.g. prompt=0.3,lora=1e-3")
-    ap.add_argument("--global-examples-per-task", type=int, default=None)
+    ap.add_argument("--users-per-task", type=_positive, default=4)
+    ap.add_argument("--max-train", type=_positive, default=40, help="train examples per user (embedded default)")
+    ap.add_argument("--epochs", type=_positive, default=10)
+    ap.add_argument("--max-len", type=_positive, default=96)
+    ap.add_argument("--max-new-tokens", type=_positive, default=12)
+    ap.add_argument("--eval-batch", type=_positive, default=64)
+    ap.add_argument("--users-per-step", type=_positive, default=None)
+    ap.add_argument("--lr", type=_lrs, default={}, help="learning-rate overrides, e.g. prompt=0.3,lora=1e-3")
+    ap.add_argument("--global-examples-per-task", type=_positive, default=None)
     ap.add_argument("--no-progress", action="store_true")
     a = ap.parse_args(argv)
     if a.full:
         a.users_per_task, a.max_train, a.max_len, a.max_new_tokens = None, None, 512, 128
     a.progress = not a.no_progress
-    a.lr = {k: float(v) for k, v in (x.split("=") for x in a.lr.split(","))} if a.lr else {}
     return a
+
+
+def _read_part(part: Path, run_key: str) -> dict | None:
+    """A finished part of this run's settings, or None (absent, other settings, or unreadable: redone)."""
+    if not part.is_file():
+        return None
+    try:
+        d = json.loads(part.read_text())
+        return d["row"] if d.get("run_key") == run_key else None
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        print(f"{part}: unreadable ({type(e).__name__}), this part is run again", flush=True)
+        return None
 
 
 def main(argv=None):
@@ -60,8 +99,8 @@ def main(argv=None):
     if bad:
         raise SystemExit(f"unknown method(s) {bad}; known: {ALL_METHODS}")
     loaded = available(a.data_dir, a.tasks.split(",") if a.tasks else None)
-    notes = [f"{n}: not run ({e})" for n, e in loaded.items() if isinstance(e, MissingData)]
-    tasks = {n: t for n, t in loaded.items() if not isinstance(t, MissingData)}
+    notes = [f"{n}: not run ({e})" for n, e in loaded.items() if isinstance(e, (MissingData, DataError))]
+    tasks = {n: t for n, t in loaded.items() if not isinstance(t, (MissingData, DataError))}
     notes += [f"{n} is partial: {t.partial}" for n, t in tasks.items() if t.partial]
     if not tasks:
         raise SystemExit("no task could be loaded; " + "; ".join(notes))
@@ -83,8 +122,9 @@ def main(argv=None):
         tokenize(users, tok, a.max_len, truncate_left=not a.full)
         for m in methods:
             part = out / "parts" / f"{name}__{m}.json"
-            if part.is_file() and json.loads(part.read_text()).get("run_key") == run_key:
-                rows.append(json.loads(part.read_text())["row"])  # finished earlier: reused
+            done = _read_part(part, run_key)
+            if done is not None:
+                rows.append(done)  # finished earlier: reused
                 continue
             print(f"[{name}] {m}: {len(users)} users", flush=True)
             if m in BASELINES:
@@ -93,7 +133,7 @@ def main(argv=None):
                 oc = run_peft(m, model, tok, task, users, a, out / "train" / name / m)
             row = {"task": name, "method": m, "partial": bool(task.partial), **oc.row(),
                    "per_user": oc.per_user}
-            part.write_text(json.dumps({"run_key": run_key, "row": row}))
+            save_json(part, {"run_key": run_key, "row": row})  # atomic: a kill never leaves half a part
             rows.append(row)
     report.write_jsonl(out / "results.jsonl", rows, env)
     md = report.summary_md(rows, methods, env, notes)

@@ -52,6 +52,8 @@ def load_state(model: T5, state: dict[str, torch.Tensor], source: str = "state d
     for k, v in state.items():
         if v.shape != own[k].shape:
             raise ValueError(f"{source}: {k} has shape {tuple(v.shape)}, the config needs {tuple(own[k].shape)}")
+        if not v.is_floating_point() or not torch.isfinite(v).all():
+            raise ValueError(f"{source}: {k} is not a finite floating-point tensor (holds NaN/Inf or is {v.dtype})")
     model.load_state_dict(state, strict=True)
     return model
 

@@ -69,10 +69,21 @@ def load_weights(folder, safetensors_name: str, bin_name: str) -> dict[str, torc
         return load_tensors(st)
     if bn.is_file():
         try:
-            return torch.load(bn, map_location="cpu", weights_only=True)
+            w = torch.load(bn, map_location="cpu", weights_only=True)
         except Exception as e:
             raise ValueError(f"{bn}: unreadable ({e})") from e
+        if not isinstance(w, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in w.items()):
+            raise ValueError(f"{bn}: holds a {type(w).__name__}, not a dict of named tensors")
+        return w
     raise FileNotFoundError(f"{folder}: no {safetensors_name} or {bin_name}")
+
+
+def load_json_object(path) -> dict:
+    """A JSON file that must hold an object (a config): anything else is refused naming the file."""
+    obj = load_json(path)
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path}: must hold a JSON object, got a {type(obj).__name__}")
+    return obj
 
 
 def load_json(path) -> dict:

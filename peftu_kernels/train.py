@@ -22,7 +22,9 @@ from .optim import SlotAdamW, linear_warmup
 from .progress import progress
 from .t5 import T5
 from .tenancy import Engine, UserModule
+from .io import load_json
 from .tenancy.banks import read_slot, trainable
+from .tenancy.ids import check_id, folder_name
 from .tenancy.store import load_user, save_user
 
 
@@ -40,6 +42,35 @@ class TrainConfig:
     users_per_step: int | None = None   # None: every unfinished user in every step
     patience: int | None = None         # early stopping after this many epochs without a better val loss
     eval_batch_size: int = 64
+
+    def __post_init__(self):
+        def bad(name, want):
+            raise ValueError(f"TrainConfig.{name} must be {want}, got {getattr(self, name)!r}")
+        for n in ("epochs", "batch_size", "eval_batch_size"):
+            v = getattr(self, n)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                bad(n, "a positive int")
+        for n in ("users_per_step", "patience"):
+            v = getattr(self, n)
+            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
+                bad(n, "None or a positive int")
+        if not (isinstance(self.lr, (int, float)) and 0 < self.lr < math.inf):
+            bad("lr", "a positive finite number")
+        if not (isinstance(self.weight_decay, (int, float)) and 0 <= self.weight_decay < math.inf):
+            bad("weight_decay", "a finite number >= 0")
+        if not (isinstance(self.warmup_ratio, (int, float)) and 0 <= self.warmup_ratio <= 1):
+            bad("warmup_ratio", "in [0, 1]")
+        if self.max_grad_norm is not None and not (isinstance(self.max_grad_norm, (int, float))
+                                                   and 0 < self.max_grad_norm < math.inf):
+            bad("max_grad_norm", "None or a positive number")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            bad("betas", "two numbers in [0, 1)")
+        if not (isinstance(self.eps, (int, float)) and self.eps > 0):
+            bad("eps", "a positive number")
+
+
+# settings that do not change any user's result: a resumed run may differ in these
+_RESUMABLE = ("eval_batch_size", "users_per_step")
 
 
 Example = tuple[list[int], list[int]]  # (input ids, target ids)
@@ -100,11 +131,23 @@ class MultiUserTrainer:
 
     # --- checkpoints ------------------------------------------------------------------------------
     def _dir(self, user):
-        return self.out / "users" / user
+        return self.out / "users" / folder_name(user)  # any id is a safe folder name under out_dir
 
-    def _state(self, user) -> dict | None:
+    def _state(self, user, method: str) -> dict | None:
+        """The user's saved progress, checked to come from this configuration and method."""
         f = self._dir(user) / "state.json" if self.out else None
-        return json.loads(f.read_text()) if f and f.is_file() else None
+        if f is None or not f.is_file():
+            return None
+        st = load_json(f)  # names the file when broken
+        want = json.loads(json.dumps(asdict(self.cfg)))  # tuples as lists, as saved
+        if not isinstance(st, dict) or not {"epoch", "best", "bad_epochs", "history", "config"} <= set(st):
+            raise ValueError(f"{f}: not a training state (missing fields)")
+        diff = {k: (st["config"].get(k), v) for k, v in want.items()
+                if k not in _RESUMABLE and st["config"].get(k) != v}
+        if diff or st.get("method", method) != method or st.get("user", user) != user:
+            raise ValueError(f"{f}: user {user!r} was trained with other settings (saved vs now: {diff}, method "
+                             f"{st.get('method')!r} vs {method!r}); use another out_dir or the same settings")
+        return st
 
     def _save_epoch(self, u: _User, slot: int, eng: Engine, opt: SlotAdamW, like: UserModule, improved: bool):
         if self.out is None:
@@ -112,14 +155,15 @@ class MultiUserTrainer:
         d = self._dir(u.name)
         bank = eng.banks[like.bank]
         if improved:
-            save_user(d / "best", [self._read(bank, slot, like)])
+            save_user(d / "best", [self._read(bank, slot, like)], u.name)
         raw = {f"p.{i}": t.detach()[slot].clone() for i, t in enumerate(self.params)}
         raw.update({f"opt.{k}": v for k, v in opt.slot_state(slot).items()})
         if like.method == "ptuning":
             raw.update({f"enc.{k}": v.detach()[slot].clone() for k, v in self.enc_params.items()})
         save_tensors(d / "current.safetensors", raw)
         save_json(d / "state.json", {"epoch": u.epoch, "best": u.best, "bad_epochs": u.bad_epochs, "done": u.done,
-                                     "history": u.history, "config": asdict(self.cfg)})
+                                     "history": u.history, "config": asdict(self.cfg), "method": like.method,
+                                     "user": u.name})
 
     def _restore(self, u: _User, slot: int, opt: SlotAdamW, st: dict) -> None:
         raw = load_tensors(self._dir(u.name) / "current.safetensors")
@@ -137,10 +181,11 @@ class MultiUserTrainer:
         """data[user] = {"train": [...], "val": [...]}; init[user] = the user's fresh module (one method for
         all users). Returns each user's best module (by validation loss). `stop_after_steps` simulates a kill."""
         cfg = self.cfg
-        users = {n: _User(n, d["train"], d.get("val", []), cfg) for n, d in data.items() if d["train"]}
+        method = self._check(data, init)
+        users = {n: _User(n, d["train"], d.get("val", []), cfg) for n, d in data.items()}
         finished = {}
         for n in list(users):
-            st = self._state(n)
+            st = self._state(n, method)
             if st and st.get("done"):
                 finished[n] = load_user(self._dir(n) / "best")[0]
                 del users[n]
@@ -150,7 +195,6 @@ class MultiUserTrainer:
         for n in users:
             eng.register(n, init[n])
         like = {n: init[n] for n in users}
-        method = init[next(iter(users))].method
         bank = eng.banks[init[next(iter(users))].bank]
         slot = {n: eng.slots[n][bank.key] for n in users}
         self.params = [t.requires_grad_(True) for t in trainable(bank)]
@@ -158,7 +202,7 @@ class MultiUserTrainer:
         opt = SlotAdamW(self.params + list(self.enc_params.values()), bank.slots, cfg.betas,
                         cfg.eps, cfg.weight_decay)
         for n, u in users.items():
-            st = self._state(n)
+            st = self._state(n, method)
             if st:
                 self._restore(u, slot[n], opt, st)
         bar = progress(sum(u.total - u.epoch * u.steps_per_epoch for u in users.values()), f"train {len(data)} users",
@@ -179,6 +223,7 @@ class MultiUserTrainer:
             self._ptuning_prompts(bank, [slot[u.name] for u in group])
             s, n_tok = token_losses(self.model, ids, mask, lab, peft)
             user_loss(s, n_tok, [k for _, k in owners]).backward()
+            bank.mask_padding_grads()
             slots = torch.tensor([slot[u.name] for u in group])
             k = opt.steps[slots].tolist()
             lrs = torch.tensor([cfg.lr * linear_warmup(k[j], u.total, u.warmup) for j, u in enumerate(group)])
@@ -204,6 +249,32 @@ class MultiUserTrainer:
         for n, u in users.items():
             out[n] = load_user(self._dir(n) / "best")[0] if self.out else u.best_module
         return out
+
+    def _check(self, data, init) -> str:
+        """Refuse what training would silently get wrong; returns the one method of this call."""
+        if not isinstance(data, dict) or not data:
+            raise ValueError("train: data must be a non-empty dict user -> {'train': [...], 'val': [...]}")
+        missing = [u for u in data if u not in init]
+        if missing:
+            raise ValueError(f"train: no initial module in `init` for users {missing[:5]}")
+        methods = {init[u].method for u in data}
+        if len(methods) != 1:
+            raise ValueError(f"train: one method per call (its users share one bank), got {sorted(methods)}")
+        V = self.model.cfg.vocab_size
+        for u, d in data.items():
+            check_id(u)
+            if not isinstance(d, dict) or not isinstance(d.get("train"), list) or not d["train"]:
+                raise ValueError(f"train: user {u!r} has no training examples")
+            for split in ("train", "val"):
+                for i, ex in enumerate(d.get(split) or []):
+                    if not (isinstance(ex, (tuple, list)) and len(ex) == 2 and ex[0] and ex[1]):
+                        raise ValueError(f"train: user {u!r} {split} example {i} needs non-empty input ids "
+                                         f"and label ids, got {ex!r:.80}")
+                    bad = [t for t in (*ex[0], *ex[1]) if not isinstance(t, int) or not 0 <= t < V]
+                    if bad:
+                        raise ValueError(f"train: user {u!r} {split} example {i} has ids {bad[:4]} outside "
+                                         f"the vocabulary [0, {V})")
+        return methods.pop()
 
     @torch.no_grad()
     def _val_loss(self, u: _User, eng: Engine) -> float:

@@ -9,6 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from peft_users import peft_model
 from peftu_kernels import load_pretrained
 from peftu_kernels.generate import greedy
 from peftu_kernels.tenancy import Engine
@@ -32,15 +33,15 @@ def world(tmp_path_factory):
     import transformers
     hf = transformers.T5ForConditionalGeneration.from_pretrained(FIX / "base").eval()
     root, oracles = tmp_path_factory.mktemp("peft"), {}
-    for name, pc in {"peft_lora": peft.LoraConfig(task_type="SEQ_2_SEQ_LM", r=3, lora_alpha=6, target_modules=["q", "wo"]),
-                     "peft_prefix": peft.PrefixTuningConfig(task_type="SEQ_2_SEQ_LM", num_virtual_tokens=5)}.items():
-        torch.manual_seed(len(name))
-        pm = peft.get_peft_model(copy.deepcopy(hf), pc)
-        with torch.no_grad():
-            for n, p in pm.named_parameters():
-                if "lora_B" in n:
-                    p.copy_(torch.randn_like(p) * 0.2)
-        pm.eval().save_pretrained(root / name)
+    S = "SEQ_2_SEQ_LM"
+    configs = {"peft_lora": peft.LoraConfig(task_type=S, r=3, lora_alpha=6, target_modules=["q", "wo"]),
+               "peft_prefix": peft.PrefixTuningConfig(task_type=S, num_virtual_tokens=5),
+               "peft_ia3": peft.IA3Config(task_type=S),
+               "peft_prompt": peft.PromptTuningConfig(task_type=S, num_virtual_tokens=4),
+               "peft_ptuning": peft.PromptEncoderConfig(task_type=S, num_virtual_tokens=3, encoder_hidden_size=16)}
+    for i, (name, pc) in enumerate(configs.items()):
+        pm = peft_model(hf, pc, seed=len(name) + i)
+        pm.save_pretrained(root / name)
         oracles[name] = pm
         eng.register(name, import_peft(root / name, model))
     return model, exp, eng, oracles
@@ -136,3 +137,34 @@ def test_safetensors_form_loads_too(world, tmp_path):
     (d / "pytorch_adapter.bin").unlink()
     a, b = import_adapterhub(d, model), eng.modules("lora")[0]
     assert all(torch.equal(a.tensors[k], b.tensors[k]) for k in b.tensors)
+
+
+def _alone(world, user, i, ids, mask, dec):
+    """Row i's logits for `user` alone: the adapters library's (fixtures), PEFT's, or the base's."""
+    model, exp, eng, oracles = world
+    if user is None:
+        return exp["base.logits"][i]
+    if user in oracles:
+        with torch.no_grad():
+            return oracles[user](input_ids=ids[i:i + 1], attention_mask=mask[i:i + 1],
+                                 decoder_input_ids=dec[i:i + 1]).logits[0]
+    return exp[f"{user}.logits"][i]
+
+
+def test_every_pair_of_method_kinds_in_one_batch(world):
+    """Each pair of kinds (AdapterHub and PEFT forms, and rows with no user) shares a batch; every row equals
+    that user alone, logits compared (a tokens-only check misses position bugs such as an AdapterHub prefix
+    beside a prompt-tuning user)."""
+    model, exp, eng, oracles = world
+    ids, mask, dec = exp["input_ids"], exp["attention_mask"], exp["decoder_input_ids"]
+    kinds = NAMES + list(oracles) + [None]
+    n = ids.shape[0]
+    for a in kinds:
+        for b in kinds:
+            rows = [(a, 0), (b, 1 % n), (a, (n - 1))]
+            sel = torch.tensor([i for _, i in rows])
+            with torch.no_grad():
+                got = model(ids[sel], dec[sel], mask[sel], peft=eng.batch([u for u, _ in rows]))
+            for r, (u, i) in enumerate(rows):
+                torch.testing.assert_close(got[r], _alone(world, u, i, ids, mask, dec), **TOL,
+                                           msg=lambda m: f"pair ({a}, {b}) row {r} user {u}: {m}")

@@ -26,13 +26,14 @@ def load_task(name: str, root=None) -> Task:
     return corpora.LOADERS[name](root / "peftu" / "raw")
 
 
-def available(root=None, names=None) -> dict[str, Task | MissingData]:
-    """Every task that loads, and for the others the MissingData saying which files they need."""
+def available(root=None, names=None) -> dict[str, Task | MissingData | DataError]:
+    """Every task that loads; for the others the MissingData saying which files they need, or the DataError
+    naming the corrupt file (one bad file costs its task, not the run)."""
     out = {}
     for n in names or ALL_TASKS:
         try:
             out[n] = load_task(n, root)
-        except MissingData as e:
+        except (MissingData, DataError) as e:
             out[n] = e
     return out
 

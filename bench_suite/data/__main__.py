@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from . import ALL_TASKS, MissingData, available
+from . import ALL_TASKS, DataError, MissingData, available
 from .stats import task_stats
 
 
@@ -22,8 +22,9 @@ def main(argv=None):
     print("| " + " | ".join(cols) + " |\n|" + "---|" * len(cols))
     notes = []
     for name, t in available(a.data_dir, tasks).items():
-        if isinstance(t, MissingData):
-            print(f"| {name} | missing | " + " | ".join([""] * (len(cols) - 2)) + " |")
+        if isinstance(t, (MissingData, DataError)):
+            state = "missing" if isinstance(t, MissingData) else "corrupt"
+            print(f"| {name} | {state} | " + " | ".join([""] * (len(cols) - 2)) + " |")
             notes.append(f"{name}: {t}")
             continue
         s = task_stats(t)

@@ -7,6 +7,7 @@ import io
 import json
 import sys
 import tarfile
+import zlib
 from pathlib import Path
 
 from .core import DataError
@@ -36,7 +37,7 @@ def rows(path: Path, delimiter: str = ",", header: bool = True, required: list[s
                 if miss:
                     raise DataError(f"{path}: missing column(s) {miss} (header has {head[:12]}...)")
             items = list(enumerate(reader, start=2 if header else 1))
-    except (OSError, EOFError, gzip.BadGzipFile, UnicodeDecodeError, csv.Error) as e:
+    except (OSError, EOFError, zlib.error, UnicodeDecodeError, csv.Error) as e:
         raise DataError(f"{path}: unreadable ({type(e).__name__}: {e})") from e
     if drop_truncated_last and items and head is not None and len(items[-1][1]) != len(head):
         items.pop()
@@ -55,7 +56,7 @@ def load_json(path: Path, lines: bool = False):
     try:
         with open_text(path) as f:
             return [json.loads(x) for x in f if x.strip()] if lines else json.load(f)
-    except (OSError, EOFError, gzip.BadGzipFile, UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (OSError, EOFError, zlib.error, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise DataError(f"{path}: unreadable JSON ({type(e).__name__}: {e})") from e
 
 
@@ -66,7 +67,7 @@ def tar_member(path: Path, name: str) -> io.StringIO:
             if m is None:
                 raise DataError(f"{path}: archive has no member {name}")
             return io.StringIO(t.extractfile(m).read().decode("utf-8"))
-    except (tarfile.TarError, OSError, EOFError) as e:
+    except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
         raise DataError(f"{path}: unreadable archive ({e})") from e
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from ..io import load_json, load_weights, save_json, save_tensors
+from ..io import load_json_object, load_weights, save_json, save_tensors
 from ..ops.reference import ACT
 from ..t5 import T5
 from .modules import UserModule, validate
@@ -43,7 +43,7 @@ def _check_opts(folder, cfg: dict, defaults: dict):
 
 def import_adapterhub(folder, model: T5) -> UserModule:
     folder = Path(folder)
-    meta = load_json(folder / "adapter_config.json")
+    meta = load_json_object(folder / "adapter_config.json")
     cfg, name = meta.get("config"), meta.get("name")
     if meta.get("model_type", "t5") != "t5":
         _bad(folder, f"model_type {meta.get('model_type')!r}: only T5 adapters are served")
@@ -117,7 +117,9 @@ def _lora(folder, cfg, name, w) -> UserModule:
 
 def _prefix(folder, cfg, name, w, model) -> UserModule:
     _check_opts(folder, cfg, _PREFIX_DEFAULTS)
-    c, P = model.cfg, cfg["prefix_length"]
+    c, P = model.cfg, cfg.get("prefix_length")
+    if not isinstance(P, int) or isinstance(P, bool) or P < 1:
+        _bad(folder, f"prefix_length must be a positive int, got {P!r}")
     H, dk = c.num_heads, c.d_kv
     act = ACT.get(_ACT.get(str(cfg.get("non_linearity", "tanh")).lower(), ""))
     pool = f"prefix_tuning.prefix_tunings.{name}."
@@ -128,12 +130,24 @@ def _prefix(folder, cfg, name, w, model) -> UserModule:
             flat = w.get(p + "control_trans")
             if flat is None:
                 continue
-            kv = flat.view(P, -1, H, dk)
+            if flat.numel() % (P * H * dk):
+                _bad(folder, f"{key}: control_trans has {flat.numel()} values, not a multiple of prefix_length "
+                             f"{P} x {H} heads x {dk} (is prefix_length right?)")
+            kv = flat.reshape(P, -1, H, dk)
         else:
             if p + "wte.weight" not in w:
                 continue
             if act is None:
                 _bad(folder, f"non_linearity {cfg.get('non_linearity')!r} is not supported")
+            need = [p + n for n in ("control_trans.0.weight", "control_trans.0.bias", "control_trans.2.weight",
+                                    "control_trans.2.bias")]
+            if [n for n in need if n not in w]:
+                _bad(folder, f"{key}: MLP prefix without {[n for n in need if n not in w]}")
+            if w[p + "wte.weight"].shape[0] != P:
+                _bad(folder, f"{key}: wte has {w[p + 'wte.weight'].shape[0]} rows, prefix_length is {P}")
+            if w[p + "control_trans.2.weight"].shape[0] % (H * dk):
+                _bad(folder, f"{key}: control_trans output {w[p + 'control_trans.2.weight'].shape[0]} does not "
+                             f"split into {H} heads x {dk}")
             with torch.no_grad():
                 h = act(w[p + "wte.weight"] @ w[p + "control_trans.0.weight"].T + w[p + "control_trans.0.bias"])
                 kv = (h @ w[p + "control_trans.2.weight"].T + w[p + "control_trans.2.bias"]).view(P, -1, H, dk)

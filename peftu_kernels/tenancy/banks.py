@@ -57,6 +57,9 @@ class Bank:
     def _extra_bytes(self) -> int:
         return 0
 
+    def mask_padding_grads(self) -> None:
+        """Zero the gradients of padding (units past a slot's own size), which must stay exactly neutral."""
+
     def _t(self, t):
         return t.to(device=self.device, dtype=self.dtype)
 
@@ -114,6 +117,24 @@ class AdapterBank(Bank):
     def __init__(self, key, device, dtype):
         super().__init__(key, device, dtype)
         self.placement, self.act = key.split(":")
+        self.width: dict[str, torch.Tensor] = {}  # site -> each slot's own bottleneck size there (S,)
+
+    def _grow_extra(self, n):
+        self.width = {s: _pad(w, 0, n) for s, w in self.width.items()}
+
+    def clear(self, slot: int) -> None:
+        super().clear(slot)
+        for w in self.width.values():
+            w[slot] = 0
+
+    def mask_padding_grads(self) -> None:
+        # padded units see act(0), which is not 0 for sigmoid-like activations: their up columns would
+        # get gradients and start to contribute, changing the user's module
+        for site, g in self.sites.items():
+            units = torch.arange(g["down"].shape[1], device=self.device)[None, :] < self.width[site][:, None]
+            for n, m in (("down", units[:, :, None]), ("down_bias", units), ("up", units[:, None, :])):
+                if g[n].grad is not None:
+                    g[n].grad.mul_(m)
 
     def write(self, slot: int, mod: UserModule) -> None:
         self.clear(slot)
@@ -128,6 +149,9 @@ class AdapterBank(Bank):
                 g["down"], g["down_bias"], g["up"] = _pad(g["down"], 1, m), _pad(g["down_bias"], 1, m), _pad(g["up"], 2, m)
             g["down"][slot, :m], g["down_bias"][slot, :m] = self._t(t["down"]), self._t(t["down_bias"])
             g["up"][slot, :, :m], g["up_bias"][slot] = self._t(t["up"]), self._t(t["up_bias"])
+            if s not in self.width:
+                self.width[s] = torch.zeros(self.slots, dtype=torch.long, device=self.device)
+            self.width[s][slot] = m
 
 
 class PromptBank(Bank):
