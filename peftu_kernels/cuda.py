@@ -39,7 +39,9 @@ def build(cache_dir=None, archs=ARCHS, verbose: bool = False) -> Path:
     if lib.is_file():
         return lib
     root.mkdir(parents=True, exist_ok=True)
+    # SASS for each architecture, and PTX of the newest so that later GPUs can JIT-compile it
     gencode = " ".join(f"-gencode arch=compute_{a},code=sm_{a}" for a in archs)
+    gencode += f" -gencode arch=compute_{archs[-1]},code=compute_{archs[-1]}"
     objs = [f"{s.stem}.o" for s in sources()]
     lines = ["ninja_required_version = 1.3", f"nvcc = {nvcc}", f"flags = {' '.join(FLAGS)} {gencode} -I{CSRC}",
              "rule cu", "  command = $nvcc $flags -c $in -o $out", "  description = nvcc $in",
@@ -91,34 +93,48 @@ def _ptr(t):
     return ctypes.c_void_p(t.data_ptr())
 
 
-def _stream():
-    return ctypes.c_void_p(torch.cuda.current_stream().cuda_stream)
+def _stream(dev):
+    return ctypes.c_void_p(torch.cuda.current_stream(dev).cuda_stream)
+
+
+def _lora_into(out, x, A, B, scale, slots, rank) -> None:
+    """out += scale[s] * (x @ A[s, :r].T) @ B[s, :, :r].T per row, on x's device and its current stream."""
+    Bn, L, K = x.shape
+    S, R, _ = A.shape
+    N = out.shape[2]
+    if A.shape != (S, R, K) or B.shape != (S, N, R) or out.shape != (Bn, L, N):
+        raise ValueError(f"peftu::lora: x {tuple(x.shape)}, A {tuple(A.shape)}, B {tuple(B.shape)}, y {tuple(out.shape)} "
+                         f"do not fit (B, L, K) / (S, R, K) / (S, N, R) / (B, L, N)")
+    if x.dtype not in _DTYPE:
+        raise ValueError(f"peftu::lora: dtype {x.dtype} unsupported (float32, float16, bfloat16)")
+    slots, rank, scale = slots.long().contiguous(), rank.long().contiguous(), scale.float().contiguous()
+    _check("lora", {"x": x, "A": A, "B": B, "y": out, "slots": slots, "rank": rank, "scale": scale}, x.dtype)
+    lib = load()
+    with torch.cuda.device(x.device):  # launches go to x's device, whatever the current one is
+        h = torch.zeros(Bn * L, R, device=x.device, dtype=torch.float32)
+        sizes = f"B={Bn} L={L} K={K} N={N} R={R} S={S} dtype={x.dtype}"
+        _call("lora(shrink)", lib.peftu_lora_shrink, sizes, _DTYPE[x.dtype], _ptr(x), _ptr(A), _ptr(h), _ptr(slots),
+              _ptr(rank), ctypes.c_int64(S), ctypes.c_int64(Bn * L), ctypes.c_int64(L), ctypes.c_int64(K),
+              ctypes.c_int64(R), _stream(x.device))
+        _call("lora(expand)", lib.peftu_lora_expand, sizes, _DTYPE[x.dtype], _ptr(h), _ptr(B), _ptr(out),
+              _ptr(slots), _ptr(rank), _ptr(scale), ctypes.c_int64(S), ctypes.c_int64(Bn * L), ctypes.c_int64(L),
+              ctypes.c_int64(N), ctypes.c_int64(R), _stream(x.device))
 
 
 @torch.library.custom_op("peftu::lora", mutates_args=())
 def lora_op(y: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: torch.Tensor,
             slots: torch.Tensor, rank: torch.Tensor) -> torch.Tensor:
-    """y + scale[s] * (x @ A[s, :r].T) @ B[s, :, :r].T per row (see ops/reference.py::lora)."""
-    Bn, L, K = x.shape
-    S, R, _ = A.shape
-    N = y.shape[2]
-    if A.shape != (S, R, K) or B.shape != (S, N, R) or y.shape != (Bn, L, N):
-        raise ValueError(f"peftu::lora: x {tuple(x.shape)}, A {tuple(A.shape)}, B {tuple(B.shape)}, y {tuple(y.shape)} "
-                         f"do not fit (B, L, K) / (S, R, K) / (S, N, R) / (B, L, N)")
-    if x.dtype not in _DTYPE:
-        raise ValueError(f"peftu::lora: dtype {x.dtype} unsupported (float32, float16, bfloat16)")
-    slots, rank, scale = slots.long().contiguous(), rank.long().contiguous(), scale.float().contiguous()
-    _check("lora", {"x": x, "A": A, "B": B, "y": y, "slots": slots, "rank": rank, "scale": scale}, x.dtype)
-    lib = load()
+    """y + scale[s] * (x @ A[s, :r].T) @ B[s, :, :r].T per row (see ops/reference.py::lora); a new tensor."""
     out = y.clone()
-    h = torch.zeros(Bn * L, R, device=x.device, dtype=torch.float32)
-    sizes = f"B={Bn} L={L} K={K} N={N} R={R} S={S} dtype={x.dtype}"
-    _call("lora(shrink)", lib.peftu_lora_shrink, sizes, _DTYPE[x.dtype], _ptr(x), _ptr(A), _ptr(h), _ptr(slots),
-          _ptr(rank), ctypes.c_int64(Bn * L), ctypes.c_int64(L), ctypes.c_int64(K), ctypes.c_int64(R), _stream())
-    _call("lora(expand)", lib.peftu_lora_expand, sizes, _DTYPE[x.dtype], _ptr(h), _ptr(B), _ptr(out), _ptr(slots),
-          _ptr(rank), _ptr(scale), ctypes.c_int64(Bn * L), ctypes.c_int64(L), ctypes.c_int64(N), ctypes.c_int64(R),
-          _stream())
+    _lora_into(out, x, A, B, scale, slots, rank)
     return out
+
+
+@torch.library.custom_op("peftu::lora_", mutates_args=("y",))
+def lora_inplace_op(y: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: torch.Tensor,
+                    slots: torch.Tensor, rank: torch.Tensor) -> None:
+    """The same, accumulated into y: the inference path, which needs no copy of y."""
+    _lora_into(y, x, A, B, scale, slots, rank)
 
 
 @lora_op.register_fake
@@ -141,11 +157,12 @@ def adapter_op(h: torch.Tensor, residual: torch.Tensor, down: torch.Tensor, down
     _check("adapter", {"h": h, "residual": residual, "down": down, "down_bias": down_bias, "up": up,
                        "up_bias": up_bias, "slots": slots}, h.dtype)
     lib = load()
-    out = torch.empty_like(residual)
-    _call("adapter", lib.peftu_adapter, f"B={Bn} L={L} D={D} M={M} S={S} dtype={h.dtype}", _DTYPE[h.dtype], _ptr(h),
-          _ptr(residual), _ptr(out), _ptr(down), _ptr(down_bias), _ptr(up), _ptr(up_bias), _ptr(slots),
-          ctypes.c_int64(Bn * L), ctypes.c_int64(L), ctypes.c_int64(D), ctypes.c_int64(M), ctypes.c_int(_ACTS[act]),
-          _stream())
+    with torch.cuda.device(h.device):
+        out = torch.empty_like(residual)
+        _call("adapter", lib.peftu_adapter, f"B={Bn} L={L} D={D} M={M} S={S} dtype={h.dtype}", _DTYPE[h.dtype],
+              _ptr(h), _ptr(residual), _ptr(out), _ptr(down), _ptr(down_bias), _ptr(up), _ptr(up_bias), _ptr(slots),
+              ctypes.c_int64(S), ctypes.c_int64(Bn * L), ctypes.c_int64(L), ctypes.c_int64(D), ctypes.c_int64(M),
+              ctypes.c_int(_ACTS[act]), _stream(h.device))
     return out
 
 
@@ -154,14 +171,26 @@ def _(h, residual, down, down_bias, up, up_bias, act, slots):
     return torch.empty_like(residual)
 
 
+def _no_grad(op: str, *ts) -> None:
+    if torch.is_grad_enabled() and any(t.requires_grad for t in ts):
+        raise RuntimeError(f"the cuda backend's {op} has no backward: train with backend='triton' or 'reference'")
+
+
 def lora(y, x, A, B, scale, slots, rank=None, seg=None):
+    """Accumulates into y (a fresh activation from the caller) and returns it. Banks in another dtype than the
+    activations (float32 masters under a 16-bit base) are cast, as the Triton backend's loads do."""
+    _no_grad("lora", y, x, A, B)
     if rank is None:
         rank = torch.full((A.shape[0],), A.shape[1], dtype=torch.long, device=A.device)
-    return lora_op(y.contiguous(), x.contiguous(), A, B, scale, slots, rank)
+    y = y.contiguous()
+    lora_inplace_op(y, x.contiguous(), A.to(x.dtype).contiguous(), B.to(x.dtype).contiguous(), scale, slots, rank)
+    return y
 
 
 def adapter(h, residual, down, down_bias, up, up_bias, act, slots, seg=None):
-    return adapter_op(h.contiguous(), residual.contiguous(), down, down_bias, up, up_bias, act, slots)
+    _no_grad("adapter", h, residual, down, down_bias, up, up_bias)
+    c = lambda t: t.to(h.dtype).contiguous()  # noqa: E731
+    return adapter_op(h.contiguous(), residual.contiguous(), c(down), c(down_bias), c(up), c(up_bias), act, slots)
 
 
 def register() -> None:

@@ -21,6 +21,7 @@ def test_every_cu_compiles_and_links_for_sm80_and_sm90(tmp_path):
     for src in cuda.sources():  # every file is built, for both architectures
         assert f"{src.stem}.o: cu {src}" in ninja
     assert "code=sm_80" in ninja and "code=sm_90" in ninja
+    assert "code=compute_90" in ninja  # PTX too, for GPUs newer than the newest SASS
     blob = lib.read_bytes()  # the fat binary names the architectures it holds
     assert b"sm_80" in blob and b"sm_90" in blob
     assert cuda.build(tmp_path) == lib  # unchanged sources: no rebuild
@@ -84,3 +85,31 @@ def test_cuda_ops_match_reference(dtype):
     db, ub = torch.randn(S, 5, generator=g), torch.randn(S, K, generator=g)
     got = cuda.adapter(c(x), c(x), c(down), c(db), c(up), c(ub), "silu", slots.cuda())
     torch.testing.assert_close(got.float().cpu(), R.adapter(x, x, down, db, up, ub, "silu", slots), rtol=tol, atol=tol)
+
+
+def test_training_through_the_cuda_backend_is_refused_clearly():
+    """It has no backward: a gradient through it must fail loudly, never be silently zero."""
+    y, x = torch.zeros(2, 3, 4), torch.zeros(2, 3, 6, requires_grad=True)
+    A, B = torch.zeros(5, 2, 6), torch.zeros(5, 4, 2)
+    with pytest.raises(RuntimeError, match="no backward: train with backend='triton' or 'reference'"):
+        cuda.lora(y, x, A, B, torch.ones(5), torch.zeros(2, dtype=torch.long))
+    with pytest.raises(RuntimeError, match="no backward"):
+        cuda.adapter(x, x, torch.zeros(1, 2, 6), torch.zeros(1, 2), torch.zeros(1, 6, 2), torch.zeros(1, 6), "relu",
+                     torch.zeros(2, dtype=torch.long))
+
+
+@pytest.mark.gpu
+def test_cuda_ops_run_on_their_tensors_device_and_take_float32_banks():
+    """A tensor on another device than the current one runs there (device guard); float32 banks under 16-bit
+    activations are accepted, as by the Triton backend; out-of-range slots are skipped, never read."""
+    from peftu_kernels.ops import reference as R
+    dev = torch.device("cuda", torch.cuda.device_count() - 1)
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(3, 5, 24, generator=g), torch.randn(3, 5, 20, generator=g)
+    A, B = torch.randn(2, 4, 24, generator=g) / 5, torch.randn(2, 20, 4, generator=g) / 2
+    slots, scale = torch.tensor([1, 0, -1]), torch.tensor([0.5, 2.0])
+    want = R.lora(y, x, A, B, scale, slots)
+    with torch.no_grad():
+        got = cuda.lora(y.to(dev, torch.float16), x.to(dev, torch.float16), A.to(dev), B.to(dev), scale.to(dev),
+                        slots.to(dev))
+    torch.testing.assert_close(got.float().cpu(), want, rtol=1e-2, atol=1e-2)

@@ -37,17 +37,17 @@ def _act(z, ACT: tl.constexpr):
 
 
 @triton.jit
-def _adapter_kernel(h_ptr, res_ptr, out_ptr, down_ptr, db_ptr, up_ptr, ub_ptr, slot_ptr, L, D, M,
+def _adapter_kernel(h_ptr, res_ptr, out_ptr, down_ptr, db_ptr, up_ptr, ub_ptr, slot_ptr, S, L, D, M,
                     stride_h_b, stride_h_l, stride_h_d, stride_r_b, stride_r_l, stride_r_d,
                     stride_o_b, stride_o_l, stride_o_d, stride_dn_s, stride_dn_m, stride_dn_d,
                     stride_db_s, stride_up_s, stride_up_d, stride_up_m, stride_ub_s,
                     ACT: tl.constexpr, COPY: tl.constexpr, IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_B: tl.constexpr,
                     BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
-    row = tl.program_id(0)
-    s = tl.load(slot_ptr + row)
-    offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row = tl.program_id(0).to(tl.int64)  # int64 offsets: rows past 2**31 elements must not wrap
+    s = tl.load(slot_ptr + row).to(tl.int64)
+    offs_m = (tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     offs_b = tl.arange(0, BLOCK_B)
-    if s < 0:  # no adapter: out = residual (a copy only when out is a separate tensor)
+    if (s < 0) | (s >= S):  # no adapter: out = residual (a copy only when out is a separate tensor)
         if COPY:
             for n0 in range(0, D, BLOCK_N):
                 offs_n = n0 + tl.arange(0, BLOCK_N)
@@ -95,7 +95,8 @@ def adapter_into(out, h, residual, down, down_bias, up, up_bias, act: str, slots
                          f"{tuple(slots.shape)} must match h {tuple(h.shape)} / (B,)")
     bm = 16 if INTERPRET or L <= 16 else 32
     grid = (Bn, triton.cdiv(L, bm))
-    _adapter_kernel[grid](h, residual, out, down, down_bias, up, up_bias, slots, L, D, M, *h.stride(),
+    slots, down_bias, up_bias = slots.contiguous(), down_bias.contiguous(), up_bias.contiguous()  # stride-1 reads
+    _adapter_kernel[grid](h, residual, out, down, down_bias, up, up_bias, slots, S, L, D, M, *h.stride(),
                           *residual.stride(), *out.stride(), *down.stride(), down_bias.stride(0), *up.stride(),
                           up_bias.stride(0), ACT=ACTS[act], COPY=out.data_ptr() != residual.data_ptr(),
                           IEEE=h.dtype == torch.float32,

@@ -48,7 +48,7 @@ def lora(y, x, A, B, scale, slots, rank=None, seg=None):
     rank = _rank(rank, A)
     if _needs_grad(y, x, A, B):
         return _Lora.apply(y, x, A, B, scale, slots, rank, seg if seg is not None else make_segments(slots))
-    return _lo.lora_(y.clone(), x, A, B, scale, slots, rank)
+    return _lo.lora_(y, x, A, B, scale, slots, rank)  # no gradient: accumulate into the caller's fresh y
 
 
 class _Adapter(torch.autograd.Function):

@@ -55,18 +55,18 @@ def _shrink_tile(x_row, w_slot, offs_m, r, L, K, stride_x_l, stride_x_k, stride_
 
 
 @triton.jit
-def _lora_shrink_kernel(x_ptr, w_ptr, h_ptr, slot_ptr, rank_ptr, scale_ptr, L, K, R,
+def _lora_shrink_kernel(x_ptr, w_ptr, h_ptr, slot_ptr, rank_ptr, scale_ptr, S, L, K, R,
                         stride_x_b, stride_x_l, stride_x_k, stride_w_s, stride_w_r, stride_w_k,
                         stride_h_b, stride_h_l, stride_h_r,
                         HAS_SCALE: tl.constexpr, IEEE: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
     """h[b, m, :r] = (scale[s] *) x[b, m, :] @ W[s, :r, :].T   (fp32)."""
-    row = tl.program_id(0)
-    s = tl.load(slot_ptr + row)
-    if s < 0:
+    row = tl.program_id(0).to(tl.int64)  # int64 offsets: rows past 2**31 elements must not wrap
+    s = tl.load(slot_ptr + row).to(tl.int64)
+    if (s < 0) | (s >= S):
         return
-    r = tl.load(rank_ptr + s)
-    offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    r = tl.minimum(tl.load(rank_ptr + s), R)
+    offs_m = (tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     offs_r = tl.arange(0, BLOCK_R)
     acc = _shrink_tile(x_ptr + row * stride_x_b, w_ptr + s * stride_w_s, offs_m, r, L, K, stride_x_l, stride_x_k,
                        stride_w_r, stride_w_k, IEEE, BLOCK_M, BLOCK_R, BLOCK_K)
@@ -77,18 +77,18 @@ def _lora_shrink_kernel(x_ptr, w_ptr, h_ptr, slot_ptr, rank_ptr, scale_ptr, L, K
 
 
 @triton.jit
-def _lora_expand_kernel(h_ptr, w_ptr, y_ptr, slot_ptr, rank_ptr, scale_ptr, L, N,
+def _lora_expand_kernel(h_ptr, w_ptr, y_ptr, slot_ptr, rank_ptr, scale_ptr, S, L, N, R,
                         stride_h_b, stride_h_l, stride_h_r, stride_w_s, stride_w_n, stride_w_r,
                         stride_y_b, stride_y_l, stride_y_n,
                         HAS_SCALE: tl.constexpr, IEEE: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr):
     """y[b, m, n] += (scale[s] *) h[b, m, :r] @ W[s, n, :r].T   (h fp32, accumulate in fp32)."""
-    row = tl.program_id(0)
-    s = tl.load(slot_ptr + row)
-    if s < 0:
+    row = tl.program_id(0).to(tl.int64)
+    s = tl.load(slot_ptr + row).to(tl.int64)
+    if (s < 0) | (s >= S):
         return
-    r = tl.load(rank_ptr + s)
-    offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    r = tl.minimum(tl.load(rank_ptr + s), R)
+    offs_m = (tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     offs_n = tl.program_id(2) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_r = tl.arange(0, BLOCK_R)
     h = tl.load(h_ptr + row * stride_h_b + offs_m[:, None] * stride_h_l + offs_r[None, :] * stride_h_r,
@@ -105,19 +105,19 @@ def _lora_expand_kernel(h_ptr, w_ptr, y_ptr, slot_ptr, rank_ptr, scale_ptr, L, N
 
 
 @triton.jit
-def _lora_fused_kernel(x_ptr, a_ptr, b_ptr, y_ptr, slot_ptr, rank_ptr, scale_ptr, L, K, N,
+def _lora_fused_kernel(x_ptr, a_ptr, b_ptr, y_ptr, slot_ptr, rank_ptr, scale_ptr, S, L, K, N, R,
                        stride_x_b, stride_x_l, stride_x_k, stride_a_s, stride_a_r, stride_a_k,
                        stride_b_s, stride_b_n, stride_b_r, stride_y_b, stride_y_l, stride_y_n,
                        IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr,
                        BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
     """Shrink and expand in one program: the (BLOCK_M, R) intermediate never leaves registers."""
-    row = tl.program_id(0)
-    s = tl.load(slot_ptr + row)
-    if s < 0:
+    row = tl.program_id(0).to(tl.int64)
+    s = tl.load(slot_ptr + row).to(tl.int64)
+    if (s < 0) | (s >= S):
         return
-    r = tl.load(rank_ptr + s)
+    r = tl.minimum(tl.load(rank_ptr + s), R)
     sc = tl.load(scale_ptr + s).to(tl.float32)
-    offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_m = (tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     offs_r = tl.arange(0, BLOCK_R)
     h = _shrink_tile(x_ptr + row * stride_x_b, a_ptr + s * stride_a_s, offs_m, r, L, K, stride_x_l, stride_x_k,
                      stride_a_r, stride_a_k, IEEE, BLOCK_M, BLOCK_R, BLOCK_K) * sc
@@ -152,10 +152,12 @@ def shrink(x, W, slots, rank, scale=None, R=None) -> torch.Tensor:
     """h (B, L, R) fp32 = (scale *) x @ W[s, :r].T, with W addressed as (S, R, K) through its strides."""
     Bn, L, K = x.shape
     R = W.shape[1] if R is None else R
+    slots, rank = slots.contiguous(), rank.contiguous()
+    scale = scale.contiguous() if scale is not None else None
     h = torch.zeros(Bn, L, R, device=x.device, dtype=torch.float32)
     c = _cfg(L, R)
     grid = (Bn, triton.cdiv(L, c["BLOCK_M"]))
-    _lora_shrink_kernel[grid](x, W, h, slots, rank, scale if scale is not None else rank, L, K, R,
+    _lora_shrink_kernel[grid](x, W, h, slots, rank, scale if scale is not None else rank, W.shape[0], L, K, R,
                               *x.stride(), *W.stride(), *h.stride(), HAS_SCALE=scale is not None,
                               IEEE=x.dtype == torch.float32, BLOCK_M=c["BLOCK_M"], BLOCK_R=_block_r(R),
                               BLOCK_K=c["BLOCK_K"], num_warps=c["num_warps"])
@@ -165,9 +167,12 @@ def shrink(x, W, slots, rank, scale=None, R=None) -> torch.Tensor:
 def expand_(y, h, W, slots, rank, scale=None) -> torch.Tensor:
     """y += (scale *) h @ W[s, :, :r].T in place, W addressed as (S, N, R) through its strides."""
     Bn, L, N = y.shape
+    slots, rank = slots.contiguous(), rank.contiguous()
+    scale = scale.contiguous() if scale is not None else None
     c = _cfg(L, h.shape[2])
     grid = (Bn, triton.cdiv(L, c["BLOCK_M"]), triton.cdiv(N, c["BLOCK_N"]))
-    _lora_expand_kernel[grid](h, W, y, slots, rank, scale if scale is not None else rank, L, N,
+    _lora_expand_kernel[grid](h, W, y, slots, rank, scale if scale is not None else rank, W.shape[0], L, N,
+                              h.shape[2],
                               *h.stride(), *W.stride(), *y.stride(), HAS_SCALE=scale is not None,
                               IEEE=y.dtype == torch.float32, BLOCK_M=c["BLOCK_M"], BLOCK_R=_block_r(h.shape[2]),
                               BLOCK_N=c["BLOCK_N"], num_warps=c["num_warps"])
@@ -180,6 +185,7 @@ def lora_(y, x, A, B, scale, slots, rank=None, fused: bool | None = None) -> tor
     S, R, K = A.shape
     if rank is None:
         rank = torch.full((S,), R, dtype=torch.int64, device=x.device)
+    slots, rank, scale = slots.contiguous(), rank.contiguous(), scale.contiguous()  # read with stride 1
     if fused is None:
         fused = R <= 32
     if not fused:
@@ -187,7 +193,7 @@ def lora_(y, x, A, B, scale, slots, rank=None, fused: bool | None = None) -> tor
     Bn, L, N = y.shape
     c = _cfg(L, R)
     grid = (Bn, triton.cdiv(L, c["BLOCK_M"]))
-    _lora_fused_kernel[grid](x, A, B, y, slots, rank, scale, L, K, N, *x.stride(), *A.stride(), *B.stride(),
+    _lora_fused_kernel[grid](x, A, B, y, slots, rank, scale, S, L, K, N, R, *x.stride(), *A.stride(), *B.stride(),
                              *y.stride(), IEEE=x.dtype == torch.float32, BLOCK_M=c["BLOCK_M"],
                              BLOCK_R=_block_r(R), BLOCK_K=c["BLOCK_K"], BLOCK_N=c["BLOCK_N"],
                              num_warps=c["num_warps"])

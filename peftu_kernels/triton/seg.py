@@ -28,9 +28,9 @@ def _seg_outer_kernel(u_ptr, v_ptr, out_ptr, order_ptr, starts_ptr, segslot_ptr,
     offs_q = tl.program_id(2) * BLOCK_Q + tl.arange(0, BLOCK_Q)
     acc = tl.zeros((BLOCK_P, BLOCK_Q), dtype=tl.float32)
     for i in range(r0, r1):
-        row = tl.load(order_ptr + i)
+        row = tl.load(order_ptr + i).to(tl.int64)
         for m0 in range(0, L, BLOCK_M):
-            offs_m = m0 + tl.arange(0, BLOCK_M)
+            offs_m = (m0 + tl.arange(0, BLOCK_M)).to(tl.int64)
             ut = tl.load(u_ptr + row * stride_u_b + offs_p[:, None] * stride_u_p + offs_m[None, :] * stride_u_l,
                          mask=(offs_p[:, None] < P) & (offs_m[None, :] < L), other=0.0)
             vt = tl.load(v_ptr + row * stride_v_b + offs_m[:, None] * stride_v_l + offs_q[None, :] * stride_v_q,
@@ -51,9 +51,9 @@ def _seg_rowsum_kernel(u_ptr, out_ptr, order_ptr, starts_ptr, segslot_ptr, L, D,
     offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
     for i in range(r0, r1):
-        row = tl.load(order_ptr + i)
+        row = tl.load(order_ptr + i).to(tl.int64)
         for m0 in range(0, L, BLOCK_M):
-            offs_m = m0 + tl.arange(0, BLOCK_M)
+            offs_m = (m0 + tl.arange(0, BLOCK_M)).to(tl.int64)
             u = tl.load(u_ptr + row * stride_u_b + offs_m[:, None] * stride_u_l + offs_d[None, :] * stride_u_d,
                         mask=(offs_m[:, None] < L) & (offs_d[None, :] < D), other=0.0)
             acc += tl.sum(u.to(tl.float32), axis=0)
