@@ -62,15 +62,21 @@ def pack_labels(labels: list[list[int]], device=None):
 def score_labels(model: T5, input_ids, attention_mask, labels: list[list[int]], peft=None) -> torch.Tensor:
     """(B, C) log-likelihood of each candidate label (token ids, EOS included if given) for each row.
     All candidates share one decoder pass per row: no copies of the encoder output."""
-    cfg = model.cfg
-    check_labels(labels, cfg.vocab_size)
+    check_labels(labels, model.cfg.vocab_size)
     enc, mask = model.encode(input_ids, attention_mask, peft)
-    tgt, local, allowed = pack_labels(labels, input_ids.device)
+    return score_encoded(model, enc, mask, labels, peft)
+
+
+@torch.no_grad()
+def score_encoded(model: T5, enc, mask, labels: list[list[int]], peft=None) -> torch.Tensor:
+    """score_labels from an encoder output (the serving engine encodes once for every kind of request)."""
+    cfg = model.cfg
+    tgt, local, allowed = pack_labels(labels, enc.device)
     C, L = tgt.shape
     dec_in = torch.full_like(tgt, cfg.pad_token_id)
     dec_in[:, 0] = cfg.decoder_start_token_id
     dec_in[:, 1:] = tgt[:, :-1].clamp(min=0)
-    B = input_ids.shape[0]
+    B = enc.shape[0]
     logits = model.decode(dec_in.reshape(1, -1).expand(B, -1), enc, mask, peft, positions=local, allowed=allowed)
     logp = torch.log_softmax(logits.float(), -1).view(B, C, L, -1)
     t = tgt.clamp(min=0)[None, :, :, None].expand(B, C, L, 1)

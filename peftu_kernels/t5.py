@@ -320,6 +320,10 @@ class T5(nn.Module):
                     cache.pos if cache else 0)
         if cache is not None:
             cache.pos += L
+        return self.head(x)
+
+    def head(self, x):
+        """Vocabulary logits of the decoder's last hidden states."""
         x = self.decoder.final_layer_norm(x)
         if self.lm_head is None:  # tied head: T5 rescales the decoder output
             return F.linear(x * self.cfg.d_model ** -0.5, self.shared.weight)

@@ -1,0 +1,220 @@
+"""The HTTP API (FastAPI): OpenAI-style completions with `model` naming the user (the multi-LoRA convention of
+vLLM and LoRAX), label scoring, adapter load/unload, health and Prometheus metrics.
+
+    POST /v1/completions   {"model": user | base, "prompt": str | [ids], "max_tokens": 16, "stream": false}
+    POST /v1/score         {"model": ..., "prompt": ..., "labels": [str | [ids], ...]}
+    GET  /v1/models        users (loaded and on disk)
+    POST /v1/adapters/{user}   load (or reload) the user's folder from the adapter store
+    DELETE /v1/adapters/{user} unload it from memory
+    GET  /health, GET /metrics
+
+Errors are JSON {"error": {"message", "type"}}: 400 bad request, 404 unknown user, 429 queue full, 503 when
+shutting down. A client that disconnects has its request cancelled (its KV row freed at the next step).
+The step loop runs in one background thread; registry changes requested over HTTP run on that thread.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+from contextlib import asynccontextmanager
+from typing import Callable, Union
+
+from fastapi import FastAPI, Request as HTTPRequest
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from pydantic import BaseModel, Field
+
+from .scheduler import QueueFull, Request, ServingEngine, UnknownUser
+
+Prompt = Union[str, list[int]]
+
+
+class CompletionBody(BaseModel):
+    model: str = Field(min_length=1)
+    prompt: Prompt
+    max_tokens: int = Field(16, ge=1)
+    stream: bool = False
+
+
+class ScoreBody(BaseModel):
+    model: str = Field(min_length=1)
+    prompt: Prompt
+    labels: list[Prompt] = Field(min_length=1)
+
+
+def _error(status: int, message: str, kind: str) -> JSONResponse:
+    return JSONResponse({"error": {"message": message, "type": kind}}, status_code=status)
+
+
+def build_app(srv: ServingEngine, tokenizer=None, base_name: str = "base",
+              encode_prompt: Callable[[str | None, str], list[int]] | None = None, drain_seconds: float = 5.0):
+    """`encode_prompt(user, text)` turns a text prompt into ids (default: the tokenizer, with its special
+    tokens); the base model answers `model == base_name`."""
+    stop, state = threading.Event(), {"closing": False}
+
+    def ids_of(user, p, what="prompt") -> list[int]:
+        if isinstance(p, list):
+            return p
+        if tokenizer is None:
+            raise ValueError(f"{what} is text but this server has no tokenizer: send token ids")
+        if encode_prompt is not None and what == "prompt":
+            return encode_prompt(user, p)
+        return tokenizer(p, add_special_tokens=True).input_ids
+
+    @asynccontextmanager
+    async def lifespan(app):
+        loop_thread = threading.Thread(target=srv.serve_forever, args=(stop,), name="peftu-step-loop", daemon=True)
+        loop_thread.start()
+        yield
+        state["closing"] = True  # drain what is in flight, then cancel the rest
+        t_end = time.perf_counter() + drain_seconds
+        while srv.pending() and time.perf_counter() < t_end:
+            await asyncio.sleep(0.01)
+        for rid in list(srv._by_id):
+            srv.cancel(rid)
+        t_end = time.perf_counter() + 2
+        while srv.pending() and time.perf_counter() < t_end:
+            await asyncio.sleep(0.01)
+        stop.set()
+        loop_thread.join(timeout=5)
+        if srv.store is not None:
+            srv.store.close()
+
+    app = FastAPI(title="peftu serving", lifespan=lifespan)
+
+    @app.exception_handler(RequestValidationError)
+    async def _bad(request, exc):
+        msg = "; ".join(f"{'.'.join(str(x) for x in e['loc'][1:])}: {e['msg']}" for e in exc.errors())
+        return _error(400, msg or "invalid request", "invalid_request_error")
+
+    def submit(body, labels=None, max_tokens=16, on_token=None):
+        if state["closing"]:
+            return None, _error(503, "the server is shutting down", "unavailable")
+        user = None if body.model == base_name else body.model
+        try:
+            lab = [ids_of(user, x, "label") for x in labels] if labels is not None else None
+            req = Request(user, ids_of(user, body.prompt), max_tokens, lab, on_token)
+            return srv.submit(req), None
+        except UnknownUser:
+            return None, _error(404, f"unknown model (user) {body.model!r}", "not_found_error")
+        except QueueFull as e:
+            return None, _error(429, str(e), "rate_limit_error")
+        except ValueError as e:
+            return None, _error(400, str(e), "invalid_request_error")
+
+    async def wait(req: Request, http: HTTPRequest) -> bool:
+        """Until the request ends; False (and the request cancelled) if the client went away."""
+        while not req.done.is_set():
+            if await http.is_disconnected():
+                srv.cancel(req.id)
+                return False
+            await asyncio.sleep(0.002)
+        return True
+
+    def text(tokens: list[int]) -> str:
+        return tokenizer.decode(tokens, skip_special_tokens=True) if tokenizer is not None else ""
+
+    def failed(req: Request):
+        if req.finish_reason == "error":
+            return _error(404 if "unknown user" in (req.error or "") else 500, req.error, "server_error")
+        return None
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionBody, http: HTTPRequest):
+        if not body.stream:
+            req, err = submit(body, max_tokens=body.max_tokens)
+            if err is not None:
+                return err
+            if not await wait(req, http):
+                return _error(499, "client closed the request", "cancelled")
+            return failed(req) or {
+                "id": req.id, "object": "text_completion", "model": body.model, "created": int(time.time()),
+                "choices": [{"index": 0, "text": text(req.tokens), "tokens": req.tokens,
+                             "finish_reason": req.finish_reason}],
+                "usage": {"prompt_tokens": len(req.input_ids), "completion_tokens": len(req.tokens),
+                          "total_tokens": len(req.input_ids) + len(req.tokens)}}
+        loop, q = asyncio.get_running_loop(), asyncio.Queue()
+        req, err = submit(body, max_tokens=body.max_tokens,
+                          on_token=lambda t: loop.call_soon_threadsafe(q.put_nowait, t))
+
+        if err is not None:
+            return err
+
+        async def events():
+            sent = 0
+            try:
+                while True:
+                    if req.done.is_set() and sent == len(req.tokens):
+                        break
+                    try:
+                        tok = await asyncio.wait_for(q.get(), 0.05)
+                    except asyncio.TimeoutError:
+                        continue
+                    sent += 1
+                    chunk = {"id": req.id, "object": "text_completion", "model": body.model,
+                             "choices": [{"index": 0, "text": text([tok]), "token": tok, "finish_reason": None}]}
+                    yield f"data: {json.dumps(chunk)}\n\n"
+                end = {"id": req.id, "object": "text_completion", "model": body.model,
+                       "choices": [{"index": 0, "text": "", "finish_reason": req.finish_reason,
+                                    **({"error": req.error} if req.error else {})}]}
+                yield f"data: {json.dumps(end)}\n\ndata: [DONE]\n\n"
+            finally:  # the client went away (or we are done): never leave the request running
+                if not req.done.is_set():
+                    srv.cancel(req.id)
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    @app.post("/v1/score")
+    async def score(body: ScoreBody, http: HTTPRequest):
+        req, err = submit(body, labels=body.labels)
+        if err is not None:
+            return err
+        if not await wait(req, http):
+            return _error(499, "client closed the request", "cancelled")
+        return failed(req) or {"id": req.id, "object": "score", "model": body.model, "scores": req.scores,
+                               "best": int(max(range(len(req.scores)), key=req.scores.__getitem__))}
+
+    @app.get("/v1/models")
+    async def models():
+        loaded = set(srv.engine.users)
+        users = srv.store.users() if srv.store is not None else sorted(loaded)
+        return {"object": "list", "data": [{"id": base_name, "object": "model", "loaded": True}] +
+                [{"id": u, "object": "model", "loaded": u in loaded} for u in users]}
+
+    @app.post("/v1/adapters/{user}")
+    async def load(user: str):
+        if srv.store is None or srv.store.path(user) is None:
+            return _error(404, f"no adapter folder for user {user!r} in the store", "not_found_error")
+        srv.store.want(user, reload=True)
+        t_end = time.perf_counter() + 60
+        while srv.store.loading(user) and time.perf_counter() < t_end:
+            await asyncio.sleep(0.005)
+        while user not in srv.engine.users and user not in srv.store.failed and time.perf_counter() < t_end:
+            srv.wake()
+            await asyncio.sleep(0.005)
+        if user in srv.store.failed:
+            return _error(400, srv.store.failed[user], "invalid_adapter")
+        return {"id": user, "loaded": True}
+
+    @app.delete("/v1/adapters/{user}")
+    async def unload(user: str):
+        if user not in srv.engine.users:
+            return _error(404, f"user {user!r} is not loaded", "not_found_error")
+        fut = srv.call_soon(lambda: srv.engine.remove(user))
+        while not fut.done():
+            await asyncio.sleep(0.005)
+        fut.result()
+        return {"id": user, "loaded": False}
+
+    @app.get("/health")
+    async def health():
+        return {"status": "closing" if state["closing"] else "ok", **srv.report()}
+
+    @app.get("/metrics")
+    async def metrics():
+        from .metrics import render
+        return PlainTextResponse(render(srv), media_type="text/plain; version=0.0.4")
+
+    return app

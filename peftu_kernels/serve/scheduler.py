@@ -1,0 +1,422 @@
+"""Continuous batching for encoder-decoder models: every step admits waiting requests, encodes them once, and
+runs one decoder step for every active request, each at its own position, with its own user, its own cache
+row and its own encoder length. Finished requests leave at once and free their row.
+
+    eng = Engine(model, capacity=64); srv = ServingEngine(model, eng, AdapterStore(eng, "adapters/"))
+    req = srv.submit(Request("alice", ids, max_new_tokens=8)); srv.run_until_idle(); req.tokens
+
+A step: (1) apply finished adapter loads and cancellations, fail requests whose adapter changed under them;
+(2) admit, round-robin over users with waiting requests, while rows are free, the step's encoder budget
+(tokens) lasts and the distinct users fit the device tier; (3) encode the admitted requests in one pass, keep
+their cross-attention keys/values (and decoder prefixes) in the KV pool, answer score requests from the same
+encoder output; (4) one decoder step for every active generate request.
+
+Fairness (tested): a request at the head of its user's queue, with its adapter loaded, is admitted before any
+other user is admitted twice; so with U users waiting it waits at most U - 1 admissions, whatever the
+length of other users' queues. Requests keep the module they started with or fail with an error naming it.
+"""
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from collections import OrderedDict, deque
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from ..generate import check_labels, score_encoded
+from ..t5 import T5, mask_to_bias, relative_bucket
+from ..tenancy import Engine
+from .adapters import AdapterStore
+from .kv import KVPool, RowCache
+
+
+class UnknownUser(KeyError):
+    pass
+
+
+class QueueFull(RuntimeError):
+    pass
+
+
+@dataclass(eq=False)
+class Request:
+    user: str | None
+    input_ids: list[int]
+    max_new_tokens: int = 16
+    labels: list[list[int]] | None = None   # set: a score request (log-likelihood of each candidate)
+    on_token: Callable[[int], None] | None = None  # streaming; called on the engine's thread
+    id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    tokens: list[int] = field(default_factory=list)
+    scores: list[float] | None = None
+    finish_reason: str | None = None        # stop | length | scored | cancelled | error
+    error: str | None = None
+    times: dict = field(default_factory=dict)  # arrival, admitted, first_token, finished (perf_counter)
+    done: threading.Event = field(default_factory=threading.Event)
+    cancelled: bool = False
+
+    @property
+    def kind(self) -> str:
+        return "score" if self.labels is not None else "generate"
+
+
+@dataclass
+class _Active:
+    req: Request
+    row: int
+    base: int          # query position of the first generated token (the row's decoder prefix width)
+    width: int         # cross keys used in the row
+    mods: object       # the user's module list when admitted: a replace swaps it, and the request fails
+    last: int
+    t: int = 0
+
+
+class ServingEngine:
+    def __init__(self, model: T5, engine: Engine | None = None, store: AdapterStore | None = None,
+                 max_rows: int = 32, max_input_len: int = 256, max_new_tokens: int = 64, max_virtual: int = 64,
+                 encode_budget: int | None = None, max_queue: int = 4096):
+        self.model, self.cfg = model.eval(), model.cfg
+        self.engine = engine or Engine(model)
+        self.store = store
+        p = next(model.parameters())
+        self.max_input_len, self.max_new, self.max_virtual = max_input_len, max_new_tokens, max_virtual
+        self.encode_budget = max(encode_budget or 4 * max_input_len, max_input_len)
+        self.max_queue = max_queue
+        self.pool = KVPool(self.cfg, max_rows, max_virtual + max_new_tokens, max_input_len + 2 * max_virtual,
+                           p.device, p.dtype)
+        self.device, self.dtype = p.device, p.dtype
+        self._queues: OrderedDict[str | None, deque] = OrderedDict()  # round-robin order of users waiting
+        self._active: list[_Active] = []
+        self._lock = threading.Lock()
+        self._wake = threading.Condition(self._lock)
+        self._by_id: dict[str, Request] = {}
+        self._calls: deque = deque()  # registry changes from other threads, run between steps
+        self._rate: deque = deque(maxlen=256)  # (time, tokens) of recent steps, for tokens/s
+        self.stats = {"steps": 0, "tokens": 0, "admitted": 0, "finished": 0, "cancelled": 0, "errors": 0,
+                      "step_seconds": 0.0, "last_step_seconds": 0.0}
+
+    # --- the client side (any thread) ----------------------------------------------------------------
+    def submit(self, req: Request) -> Request:
+        """Queue a request; raises UnknownUser, QueueFull or ValueError (bad input) at once."""
+        self._validate(req)
+        if req.user is not None and not (req.user in self.engine.users or (self.store and self.store.known(req.user))):
+            raise UnknownUser(f"unknown user {req.user!r}")
+        with self._lock:
+            if len(self._by_id) >= self.max_queue:
+                raise QueueFull(f"{len(self._by_id)} requests in flight (max_queue {self.max_queue})")
+            req.times["arrival"] = time.perf_counter()
+            self._by_id[req.id] = req
+            self._queues.setdefault(req.user, deque()).append(req)
+            self._wake.notify_all()
+        if req.user is not None and self.store is not None:  # loaded (prefetched) by the step loop, off its path
+            self.store.stats["hits" if req.user in self.engine.users else "misses"] += 1
+        return req
+
+    def _validate(self, req: Request) -> None:
+        ids, V = req.input_ids, self.cfg.vocab_size
+        if not isinstance(ids, (list, tuple)) or not ids or not all(isinstance(t, int) and 0 <= t < V for t in ids):
+            raise ValueError(f"input ids must be a non-empty list of token ids in [0, {V})")
+        if len(ids) > self.max_input_len:
+            raise ValueError(f"input has {len(ids)} tokens, this server takes at most {self.max_input_len}")
+        if req.labels is not None:
+            check_labels(req.labels, V)
+        elif not isinstance(req.max_new_tokens, int) or not 1 <= req.max_new_tokens <= self.max_new:
+            raise ValueError(f"max_new_tokens must be in [1, {self.max_new}], got {req.max_new_tokens!r}")
+
+    def call_soon(self, fn) -> Future:
+        """Run `fn()` on the step loop's thread between two steps (the registry is not thread-safe)."""
+        f = Future()
+        with self._lock:
+            self._calls.append((fn, f))
+            self._wake.notify_all()
+        return f
+
+    def wake(self) -> None:
+        with self._lock:
+            self._wake.notify_all()
+
+    def cancel(self, req_id: str) -> None:
+        with self._lock:
+            r = self._by_id.get(req_id)
+            if r is not None:
+                r.cancelled = True
+                self._wake.notify_all()
+
+    # --- the step loop -------------------------------------------------------------------------------
+    def pending(self) -> int:
+        with self._lock:
+            return len(self._by_id)
+
+    def run_until_idle(self, max_steps: int = 1_000_000) -> None:
+        for _ in range(max_steps):
+            if not self.pending():
+                return
+            self.step()
+            if not self._active and self._waiting_for_loads():
+                time.sleep(0.001)
+
+    def serve_forever(self, stop: threading.Event) -> None:
+        """The server's step loop; when idle it still applies adapter loads and registry calls."""
+        while not stop.is_set():
+            with self._lock:
+                if not self._by_id and not self._calls:
+                    self._wake.wait(0.01)
+            self.step()
+            if not self._active and self._waiting_for_loads():
+                time.sleep(0.001)
+
+    def _waiting_for_loads(self) -> bool:
+        return self.store is not None and any(self.store.loading(u) for u in list(self._queues) if u is not None)
+
+    @torch.no_grad()
+    def step(self) -> None:
+        t0 = time.perf_counter()
+        self._housekeeping()
+        new = self._admit()
+        if new:
+            self._prefill(new)
+        if self._active:
+            self._decode()
+        if new or self._active or self.stats["tokens"] != (self._rate[-1][1] if self._rate else 0):
+            dt = time.perf_counter() - t0
+            self.stats["steps"] += 1
+            self.stats["step_seconds"] += dt
+            self.stats["last_step_seconds"] = dt
+            self._rate.append((time.perf_counter(), self.stats["tokens"]))
+
+    def tokens_per_second(self, window: float = 10.0) -> float:
+        now = time.perf_counter()
+        recent = [(t, n) for t, n in self._rate if now - t <= window]
+        if len(recent) < 2:
+            return 0.0
+        return (recent[-1][1] - recent[0][1]) / max(recent[-1][0] - recent[0][0], 1e-9)
+
+    def _finish(self, req: Request, reason: str, error: str | None = None) -> None:
+        req.finish_reason, req.error = reason, error
+        req.times["finished"] = time.perf_counter()
+        with self._lock:
+            self._by_id.pop(req.id, None)
+        self.stats["finished"] += 1
+        self.stats["cancelled"] += reason == "cancelled"
+        self.stats["errors"] += reason == "error"
+        req.done.set()
+
+    def _retire(self, a: _Active, reason: str, error: str | None = None) -> None:
+        self._active.remove(a)
+        self.pool.release(a.row)
+        self._finish(a.req, reason, error)
+
+    def _housekeeping(self) -> None:
+        with self._lock:
+            calls, self._calls = list(self._calls), deque()
+        for fn, f in calls:
+            try:
+                f.set_result(fn())
+            except Exception as e:
+                f.set_exception(e)
+        if self.store is not None:
+            with self._lock:
+                queued = [u for u in self._queues if u is not None]
+            pinned = {a.req.user for a in self._active} | {u for u in queued if u in self.engine.users}
+            self.store.poll(pinned, [u for u in queued if u not in self.engine.users])
+        for a in list(self._active):
+            u = a.req.user
+            if a.req.cancelled:
+                self._retire(a, "cancelled")
+            elif u is not None and u not in self.engine.users:
+                self._retire(a, "error", f"the adapter of user {u!r} was unloaded while the request ran")
+            elif u is not None and self.engine.users[u] is not a.mods:
+                self._retire(a, "error", f"the adapter of user {u!r} was replaced while the request ran")
+        with self._lock:
+            for u, q in list(self._queues.items()):
+                for r in [r for r in q if r.cancelled]:
+                    q.remove(r)
+                    self._queued_end(r, "cancelled")
+                if u is not None and not self._servable(u):
+                    why = self.store.failed.get(u) if self.store else None
+                    for r in list(q):
+                        q.remove(r)
+                        self._queued_end(r, "error", f"user {u!r}: " + (why or "unknown user"))
+                if not q:
+                    del self._queues[u]
+
+    def _queued_end(self, r: Request, reason: str, error: str | None = None) -> None:
+        # called with the lock held
+        r.finish_reason, r.error = reason, error
+        r.times["finished"] = time.perf_counter()
+        self._by_id.pop(r.id, None)
+        self.stats["finished"] += 1
+        self.stats["cancelled"] += reason == "cancelled"
+        self.stats["errors"] += reason == "error"
+        r.done.set()
+
+    def _servable(self, u: str) -> bool:
+        if u in self.engine.users:
+            return True
+        return self.store is not None and self.store.path(u) is not None and u not in self.store.failed
+
+    # --- admission ---------------------------------------------------------------------------------
+    def _admit(self) -> list[Request]:
+        out, budget = [], self.encode_budget
+        cap = self.engine.capacity
+        users = {a.req.user for a in self._active if a.req.user is not None}
+        free = len(self.pool._free)
+        with self._lock:
+            progress = True
+            while progress and self._queues:
+                progress = False
+                for u in list(self._queues):
+                    q = self._queues[u]
+                    r = q[0]
+                    ready = u is None or u in self.engine.users
+                    fits_dev = u is None or u in users or cap is None or len(users) < cap
+                    rows_needed = 1 if r.kind == "generate" else 0
+                    if not ready or not fits_dev or len(r.input_ids) > budget or free < rows_needed:
+                        continue
+                    q.popleft()
+                    self._queues.move_to_end(u)  # round robin: served users go to the back
+                    if not q:
+                        del self._queues[u]
+                    out.append(r)
+                    budget -= len(r.input_ids)
+                    free -= rows_needed
+                    if u is not None:
+                        users.add(u)
+                    progress = True
+                    break  # restart from the front: the next user in round-robin order
+        for r in out:
+            r.times["admitted"] = time.perf_counter()
+        self.stats["admitted"] += len(out)
+        return out
+
+    # --- prefill: encode once, answer scores, seed the KV rows ---------------------------------------
+    def _prefill(self, reqs: list[Request]) -> None:
+        for r in [r for r in reqs if r.user is not None and r.user not in self.engine.users]:
+            reqs.remove(r)
+            self._finish(r, "error", f"user {r.user!r} was unloaded before its request started")
+        if not reqs:
+            return
+        L = max(len(r.input_ids) for r in reqs)
+        ids = torch.zeros(len(reqs), L, dtype=torch.long)
+        mask = torch.zeros(len(reqs), L, dtype=torch.long)
+        for i, r in enumerate(reqs):
+            ids[i, :len(r.input_ids)] = torch.tensor(r.input_ids)
+            mask[i, :len(r.input_ids)] = 1
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        users = [r.user for r in reqs]
+        peft = self.engine.batch(users) if any(u is not None for u in users) else None
+        try:
+            enc, emask = self.model.encode(ids, mask, peft)
+        except ValueError as e:
+            for r in reqs:
+                self._finish(r, "error", str(e))
+            return
+        gen = [i for i, r in enumerate(reqs) if r.kind == "generate"]
+        self._score(reqs, [i for i, r in enumerate(reqs) if r.kind == "score"], enc, emask)
+        if gen:
+            self._seed_rows(reqs, gen, enc, emask, peft)
+
+    def _score(self, reqs, idx, enc, emask) -> None:
+        groups: dict[tuple, list[int]] = {}
+        for i in idx:
+            groups.setdefault(tuple(map(tuple, reqs[i].labels)), []).append(i)
+        for labels, rows in groups.items():
+            users = [reqs[i].user for i in rows]
+            sub = self.engine.batch(users) if any(u is not None for u in users) else None
+            sel = torch.tensor(rows, device=enc.device)
+            sc = score_encoded(self.model, enc[sel], emask[sel], [list(x) for x in labels], sub)
+            for j, i in enumerate(rows):
+                reqs[i].scores = sc[j].tolist()
+                reqs[i].times["first_token"] = time.perf_counter()
+                self._finish(reqs[i], "scored")
+
+    def _seed_rows(self, reqs, gen, enc, emask, peft) -> None:
+        m, pool = self.model, self.pool
+        sel = torch.tensor(gen, device=enc.device)
+        enc, emask = enc[sel], emask[sel]
+        sub = [reqs[i] for i in gen]
+        speft = self.engine.batch([r.user for r in sub]) if peft is not None else None
+        ckv = m.cross_kv(enc, speft)
+        cmask = emask
+        plen_c = speft.prefix_len("cross") if speft is not None else 0
+        if plen_c:
+            cmask = torch.cat([speft.prefix_mask("cross"), emask], 1)
+        plen = speft.prefix_len("decoder") if speft is not None else 0
+        W = cmask.shape[1]
+        if W > pool.cross_len or plen > self.max_virtual:
+            for r in sub:
+                self._finish(r, "error", f"virtual tokens of this batch ({W - enc.shape[1] + plen_c} cross, {plen} "
+                                         f"decoder) exceed the server's max_virtual={self.max_virtual}")
+            return
+        rows = [pool.alloc() for _ in sub]
+        rt = torch.tensor(rows, device=self.device)
+        for layer, (k, v) in enumerate(ckv):
+            pool.cross_k[layer][rt, :, :W] = k.to(pool.cross_k.dtype)
+            pool.cross_v[layer][rt, :, :W] = v.to(pool.cross_v.dtype)
+        pool.cross_mask[rt, :W] = cmask
+        pool.self_valid[rt, plen:] = True
+        if plen:
+            empty = enc.new_zeros(len(sub), self.cfg.num_heads, 0, self.cfg.d_kv)
+            for layer, blk in enumerate(m.decoder.block):
+                pk, pv = speft.prefix_kv(blk.layer[0].SelfAttention.site, empty, empty)
+                pool.self_k[layer][rt, :, :plen], pool.self_v[layer][rt, :, :plen] = pk, pv
+            pool.self_valid[rt, :plen] = speft.prefix_mask("decoder")
+            delta = speft.prefix_delta("decoder")
+            if delta is not None:
+                pool.delta[rt] = delta
+        for r, row in zip(sub, rows):
+            self._active.append(_Active(r, row, plen, W, self.engine.users.get(r.user),
+                                        self.cfg.decoder_start_token_id))
+
+    # --- one decoder step for every active request ----------------------------------------------------
+    def _decode(self) -> None:
+        m, cfg, pool, act = self.model, self.cfg, self.pool, self._active
+        dev, dt = self.device, self.dtype
+        rows = torch.tensor([a.row for a in act], device=dev)
+        qpos = torch.tensor([a.base + a.t for a in act], device=dev)
+        T = max(a.base + a.t for a in act) + 1
+        W = max(a.width for a in act)
+        users = [a.req.user for a in act]
+        peft = self.engine.batch(users) if any(u is not None for u in users) else None
+        idx = torch.arange(T, device=dev)
+        rel = idx[None, :] - qpos[:, None] + pool.delta[rows][:, None]
+        b = relative_bucket(rel, False, cfg.relative_attention_num_buckets, cfg.relative_attention_max_distance)
+        pb = m.decoder.block[0].layer[0].SelfAttention.relative_attention_bias(b).permute(0, 2, 1)[:, :, None, :]
+        allow = pool.self_valid[rows, :T] & (idx[None, :] <= qpos[:, None])
+        bias = pb.to(dt) + mask_to_bias(allow[:, None, None, :], dt)
+        cross_bias = mask_to_bias(pool.cross_mask[rows, :W][:, None, None, :], dt)
+        x = m.shared(torch.tensor([[a.last] for a in act], device=dev))
+        for i, blk in enumerate(m.decoder.block):
+            cache = RowCache(pool, i, rows, qpos, T)
+            cross = (pool.cross_k[i][rows, :, :W], pool.cross_v[i][rows, :, :W])
+            x = blk(x, bias, peft, cross, cross_bias, cache, 0)
+        nxt = m.head(x)[:, -1].argmax(-1).tolist()
+        now = time.perf_counter()
+        self.stats["tokens"] += len(act)
+        for a, tok in zip(list(act), nxt):
+            a.req.tokens.append(tok)
+            a.req.times.setdefault("first_token", now)
+            a.t += 1
+            a.last = tok
+            if a.req.on_token is not None:
+                try:
+                    a.req.on_token(tok)
+                except Exception:  # a broken stream consumer cancels its own request only
+                    a.req.cancelled = True
+            if tok == cfg.eos_token_id:
+                self._retire(a, "stop")
+            elif a.t >= a.req.max_new_tokens:
+                self._retire(a, "length")
+
+    # --- reports -------------------------------------------------------------------------------------
+    def report(self) -> dict:
+        with self._lock:
+            waiting = sum(len(q) for q in self._queues.values())
+        return {"waiting": waiting, "active": len(self._active), "kv_rows_used": self.pool.used,
+                "kv_rows": self.pool.rows, "kv_bytes": self.pool.nbytes(),
+                "kv_bytes_per_request": self.pool.bytes_per_row(), "tokens_per_second": self.tokens_per_second(),
+                "users_loaded": len(self.engine.users), "users_resident": len(self.engine.slots), **self.stats,
+                **({f"adapter_{k}": v for k, v in self.store.stats.items()} if self.store else {})}
