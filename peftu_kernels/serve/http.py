@@ -34,7 +34,7 @@ Prompt = Union[str, list[int]]
 class CompletionBody(BaseModel):
     model: str = Field(min_length=1)
     prompt: Prompt
-    max_tokens: int = Field(16, ge=1)
+    max_tokens: int | None = Field(None, ge=1)  # default: 16, or the server's cap if lower
     stream: bool = False
 
 
@@ -124,7 +124,7 @@ def build_app(srv: ServingEngine, tokenizer=None, base_name: str = "base",
     @app.post("/v1/completions")
     async def completions(body: CompletionBody, http: HTTPRequest):
         if not body.stream:
-            req, err = submit(body, max_tokens=body.max_tokens)
+            req, err = submit(body, max_tokens=body.max_tokens or min(16, srv.max_new))
             if err is not None:
                 return err
             if not await wait(req, http):
@@ -136,7 +136,7 @@ def build_app(srv: ServingEngine, tokenizer=None, base_name: str = "base",
                 "usage": {"prompt_tokens": len(req.input_ids), "completion_tokens": len(req.tokens),
                           "total_tokens": len(req.input_ids) + len(req.tokens)}}
         loop, q = asyncio.get_running_loop(), asyncio.Queue()
-        req, err = submit(body, max_tokens=body.max_tokens,
+        req, err = submit(body, max_tokens=body.max_tokens or min(16, srv.max_new),
                           on_token=lambda t: loop.call_soon_threadsafe(q.put_nowait, t))
 
         if err is not None:

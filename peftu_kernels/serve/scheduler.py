@@ -101,9 +101,9 @@ class ServingEngine:
     # --- the client side (any thread) ----------------------------------------------------------------
     def submit(self, req: Request) -> Request:
         """Queue a request; raises UnknownUser, QueueFull or ValueError (bad input) at once."""
-        self._validate(req)
         if req.user is not None and not (req.user in self.engine.users or (self.store and self.store.known(req.user))):
             raise UnknownUser(f"unknown user {req.user!r}")
+        self._validate(req)
         with self._lock:
             if len(self._by_id) >= self.max_queue:
                 raise QueueFull(f"{len(self._by_id)} requests in flight (max_queue {self.max_queue})")
