@@ -18,6 +18,7 @@ from . import report
 from peftu_kernels.io import save_json
 
 from .data import ALL_TASKS, DataError, MissingData, available, data_root
+from .data.__main__ import missing_table
 from .methods import ALL_METHODS, BASELINES, run_baseline, run_peft
 from .model import embedded_default, from_checkpoint
 from .workload import prepare, tokenize
@@ -70,6 +71,7 @@ def parse(argv=None):
     ap.add_argument("--lr", type=_lrs, default={}, help="learning-rate overrides, e.g. prompt=0.3,lora=1e-3")
     ap.add_argument("--global-examples-per-task", type=_positive, default=None)
     ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument("--verbose", action="store_true", help="name every missing data file in full")
     a = ap.parse_args(argv)
     if a.full:
         a.users_per_task, a.max_train, a.max_len, a.max_new_tokens = None, None, 512, 128
@@ -102,14 +104,18 @@ def main(argv=None):
     notes = [f"{n}: not run ({e})" for n, e in loaded.items() if isinstance(e, (MissingData, DataError))]
     tasks = {n: t for n, t in loaded.items() if not isinstance(t, (MissingData, DataError))}
     notes += [f"{n} is partial: {t.partial}" for n, t in tasks.items() if t.partial]
+    short = missing_table(loaded, data_root(a.data_dir), a.verbose)
     if not tasks:
-        raise SystemExit("no task could be loaded; " + "; ".join(notes))
+        raise SystemExit("no task could be loaded from the data root:\n" + short)
+    if short:
+        print(short, flush=True)
     if a.model:
         model, tok, minfo = from_checkpoint(a.model, a.device)
     else:
         g = {"examples_per_task": a.global_examples_per_task} if a.global_examples_per_task else None
         model, tok, minfo = embedded_default(tasks, Path(a.cache or out.parent / "cache"), a.device, a.progress, g)
-    env = {**environment(a.device), "model": minfo["model"], "data_root": str(data_root(a.data_dir)),
+    env = {**environment(a.device), "model": minfo["model"], "model_dir": minfo.get("cache"),
+           "data_root": str(data_root(a.data_dir)),
            "settings": {k: v for k, v in vars(a).items() if k not in ("progress",)}}
     run_key = json.dumps({"model": minfo.get("cache", minfo["model"]), **{k: getattr(a, k) for k in (
         "users_per_task", "max_train", "epochs", "max_len", "max_new_tokens", "full", "lr")}}, sort_keys=True)

@@ -38,6 +38,24 @@ def test_cli_small_slice_end_to_end(tmp_path, capsys):
         test = [task.users[ud.user][sid]["label"][0] for sid, _, _ in ud.prompts["test"]]
         assert maj["per_user"][ud.user] == pytest.approx(sum(t == top for t in test) / len(test))
     assert (out / "train" / "tweeteval" / "ia3" / "users").is_dir()
+    # the zero-set-up server: the run's users, text in, label out, each as the run's own module gives it
+    from bench_suite.serve import load_run
+    from peftu_kernels.generate import greedy
+    from peftu_kernels.serve import Request, ServingEngine
+    from peftu_kernels.tenancy import Engine
+    model, tok, served, heads, max_len = load_run(out)
+    assert set(served) == {f"tweeteval/ia3/{ud.user}" for ud in users}
+    eng = Engine(model)
+    for u, mods in served.items():
+        eng.register(u, mods)
+    srv = ServingEngine(model, eng, max_input_len=max_len, max_new_tokens=4)
+    uid = sorted(served)[0]
+    ids = tok(heads[uid] + "Text: I like it Label: ").input_ids[-max_len:]
+    req = srv.submit(Request(uid, ids, max_new_tokens=4))
+    srv.run_until_idle()
+    import torch
+    alone = greedy(model, torch.tensor([ids]), None, 4, eng.batch([uid]))[0].tolist()
+    assert req.tokens == alone[:len(req.tokens)] and tok.decode(req.tokens, skip_special_tokens=True).strip()
     # a second run reuses the finished parts
     run.main(args)
     again = [json.loads(x) for x in open(out / "results.jsonl")]

@@ -13,7 +13,12 @@ class DataError(ValueError):
 
 
 class MissingData(FileNotFoundError):
-    """A corpus whose files are absent: the message names the files and where the public release is."""
+    """A corpus whose files are absent: the message names the files and where the public release is;
+    `files` holds their names (for short reports)."""
+
+    def __init__(self, msg: str, files: list[str] | None = None):
+        super().__init__(msg)
+        self.files = files or []
 
 
 @dataclass

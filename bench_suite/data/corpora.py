@@ -57,8 +57,9 @@ def _find(root: Path, *names: str) -> Path | None:
 def _req(root: Path, corpus: str, *names: str) -> list[Path]:
     found = [_find(root / corpus, n) for n in names]
     if any(f is None for f in found):
-        raise MissingData(f"{corpus}: missing {', '.join(str(root / corpus / n) for n, f in zip(names, found) if f is None)}"
-                          f" (plain or .gz); the public release is at {RELEASE[corpus]}")
+        miss = [n for n, f in zip(names, found) if f is None]
+        raise MissingData(f"{corpus}: missing {', '.join(str(root / corpus / n) for n in miss)}"
+                          f" (plain or .gz); the public release is at {RELEASE[corpus]}", miss)
     return found
 
 
@@ -84,6 +85,8 @@ def hatexplain(root: Path) -> Task:
                 put(users, a["annotator_id"], pid, text, [a["label"]], keep_first=False)
         return _task("hatexplain", users, str(orig))
     # the HF split form: train as a third party's CSV, val/test as HF JSON lines
+    if _find(root / "hatexplain", "training_data.csv") is None:  # neither form: ask for the original
+        _req(root, "hatexplain", "dataset.json")
     train, val, test, div = _req(root, "hatexplain", "training_data.csv", "hatexplain_validation.json",
                                  "hatexplain_test.json", "post_id_divisions.json")
     hf_label = {"0": "hatespeech", "1": "normal", "2": "offensive"}

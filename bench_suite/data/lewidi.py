@@ -38,7 +38,8 @@ def load(name: str, root: Path) -> Task:
     files = [f if f.exists() else f.with_suffix("") for f in files]
     missing = [str(f) for f in files if not f.exists()]
     if missing:
-        raise MissingData(f"{name}: missing {', '.join(missing)}; the public release is at {RELEASE}")
+        raise MissingData(f"{name}: missing {', '.join(missing)}; the public release is at {RELEASE}",
+                          [Path(m).name for m in missing])
     for f in files:
         split = f.name.split("_")[-1].split(".")[0]
         for item_id, item in load_json(f).items():
