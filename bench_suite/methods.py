@@ -1,10 +1,9 @@
 """The report's rows: baselines (zero-shot, few-shot, majority label) and per-user PEFT methods."""
 from __future__ import annotations
 
-import resource
 import statistics
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import torch
 
@@ -14,7 +13,8 @@ from peftu_kernels.init import new_module
 from peftu_kernels.tenancy import Engine
 from peftu_kernels.train import MultiUserTrainer, TrainConfig, collate
 
-from .data import Task, user_accuracy
+from . import throughput
+from .data import Task, correct
 from .workload import UserData
 
 BASELINES = ["zero-shot", "few-shot", "majority"]
@@ -33,26 +33,23 @@ SMALL_HP = {"lora": dict(r=8, alpha=32, targets=("q", "v", "wi_0", "wi_1", "wo")
 
 @dataclass
 class Outcome:
-    per_user: dict[str, float]
+    per_example: dict[str, list[int]]   # user -> 1/0 per test example (PEFT-U's any-gold hit), in test order
     params_per_user: int = 0
     bytes_per_user: int = 0
     train_seconds: float = 0.0
     train_examples_per_s: float = 0.0
-    infer_examples_per_s: float = 0.0
-    peak_mem_bytes: int = 0
+    throughput: dict = field(default_factory=dict)  # throughput.measure on the fixed workload
+    ranks: dict = field(default_factory=dict)       # user -> the rank that trained and evaluated it (torchrun)
+
+    @property
+    def per_user(self) -> dict[str, float]:
+        return {u: sum(v) / len(v) for u, v in self.per_example.items()}
 
     def row(self) -> dict:
         accs = list(self.per_user.values())
         d = asdict(self)
-        d.pop("per_user")
         return {"accuracy": 100 * statistics.fmean(accs), "spread": 100 * statistics.pstdev(accs) if accs else 0.0,
-                "n_users": len(accs), **d}
-
-
-def _peak(device) -> int:
-    if torch.device(device).type == "cuda":
-        return int(torch.cuda.max_memory_allocated(device))
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # process peak RSS (CPU)
+                "n_users": len(accs), **d.pop("throughput"), **d, "per_user": self.per_user}
 
 
 def _interleave(users: list[UserData], split: str, tokens: bool):
@@ -90,14 +87,13 @@ def evaluate(model, tok, task: Task, users: list[UserData], rows_for, max_new_to
         bar.update(len(chunk))
     bar.close()
     secs = time.perf_counter() - t0
-    acc = {ud.user: user_accuracy(outputs[ud.user], [ud.gold[sid] for sid, _, _ in ud.prompts["test"]], task.labels)
-           for ud in users}
-    return acc, len(order) / max(secs, 1e-9)
+    hits = {ud.user: [int(correct(o, ud.gold[sid], task.labels)) for o, (sid, _, _) in
+                      zip(outputs[ud.user], ud.prompts["test"])] for ud in users}
+    return hits, len(order) / max(secs, 1e-9)
 
 
 def majority(task: Task, users: list[UserData]) -> Outcome:
-    return Outcome({ud.user: sum(ud.majority in ud.gold[sid] for sid, _, _ in ud.prompts["test"]) / len(ud.prompts["test"])
-                    for ud in users})
+    return Outcome({ud.user: [int(ud.majority in ud.gold[sid]) for sid, _, _ in ud.prompts["test"]] for ud in users})
 
 
 def run_baseline(kind, model, tok, task, users, a) -> Outcome:
@@ -108,9 +104,11 @@ def run_baseline(kind, model, tok, task, users, a) -> Outcome:
             texts = [f"{task.instruction} Text: {task.users[ud.user][sid]['text']} Label: " for sid, _, _ in ud.prompts["test"]]
             enc = tok(texts).input_ids
             ud.tokens["zero"] = {sid: ids[-a.max_len:] for (sid, _, _), ids in zip(ud.prompts["test"], enc)}
-    acc, ips = evaluate(model, tok, task, users, lambda rows: None, a.max_new_tokens, a.eval_batch, a.device,
-                        zero_shot=kind == "zero-shot", progress=a.progress)
-    return Outcome(acc, infer_examples_per_s=ips, peak_mem_bytes=_peak(a.device))
+    acc, _ = evaluate(model, tok, task, users, lambda rows: None, a.max_new_tokens, a.eval_batch, a.device,
+                      zero_shot=kind == "zero-shot", progress=a.progress)
+    tp = throughput.measure(model, users, lambda rows: None, a.max_new_tokens, a.device, a.workload_rows) \
+        if a.measure_throughput else {}
+    return Outcome(acc, throughput=tp)
 
 
 def run_peft(method, model, tok, task, users, a, train_dir) -> Outcome:
@@ -120,8 +118,6 @@ def run_peft(method, model, tok, task, users, a, train_dir) -> Outcome:
                                                         users_per_step=a.users_per_step)
     init = {ud.user: new_module(model, method, ud.user, 42, **hp) for ud in users}
     data = {ud.user: {"train": ud.tokens["train"], "val": ud.tokens["val"]} for ud in users}
-    if torch.device(a.device).type == "cuda":
-        torch.cuda.reset_peak_memory_stats(a.device)
     trainer = MultiUserTrainer(model, cfg, train_dir, backend=a.backend, progress=a.progress)
     t0 = time.perf_counter()
     mods = trainer.train(data, init)
@@ -131,7 +127,9 @@ def run_peft(method, model, tok, task, users, a, train_dir) -> Outcome:
     for ud in users:
         eng.register(ud.user, mods[ud.user])
     with torch.no_grad():
-        acc, ips = evaluate(model, tok, task, users, eng.batch, a.max_new_tokens, a.eval_batch, a.device,
+        acc, _ = evaluate(model, tok, task, users, eng.batch, a.max_new_tokens, a.eval_batch, a.device,
                             progress=a.progress)
     m = mods[users[0].user]
-    return Outcome(acc, m.numel(), m.nbytes(), train_s, n_ex / max(train_s, 1e-9), ips, _peak(a.device))
+    tp = throughput.measure(model, users, eng.batch, a.max_new_tokens, a.device, a.workload_rows,
+                            bank_bytes=eng.memory_report()["bank_bytes"]) if a.measure_throughput else {}
+    return Outcome(acc, m.numel(), m.nbytes(), train_s, n_ex / max(train_s, 1e-9), tp)

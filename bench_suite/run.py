@@ -15,11 +15,12 @@ import torch
 from benchmarks.common import environment
 
 from . import report
+from peftu_kernels import distributed as dist
 from peftu_kernels.io import save_json
 
 from .data import ALL_TASKS, DataError, MissingData, available, data_root
 from .data.__main__ import missing_table
-from .methods import ALL_METHODS, BASELINES, run_baseline, run_peft
+from .methods import ALL_METHODS, BASELINES, Outcome, run_baseline, run_peft
 from .model import embedded_default, from_checkpoint
 from .workload import prepare, tokenize
 
@@ -61,12 +62,17 @@ def parse(argv=None):
     ap.add_argument("--out", default="runs/default", help="output folder (reused: finished parts are kept)")
     ap.add_argument("--cache", default=None, help="model cache folder (default: <out>/../cache)")
     ap.add_argument("--full", action="store_true", help="every task, every user, the paper's settings")
-    ap.add_argument("--users-per-task", type=_positive, default=4)
-    ap.add_argument("--max-train", type=_positive, default=40, help="train examples per user (embedded default)")
-    ap.add_argument("--epochs", type=_positive, default=10)
+    # many users per task (what the multi-user trainer is for), each with fewer examples and epochs, so that
+    # the intervals narrow within the same time budget (docs/benchmark.md)
+    ap.add_argument("--users-per-task", type=_positive, default=12)
+    ap.add_argument("--max-train", type=_positive, default=20, help="train examples per user (embedded default)")
+    ap.add_argument("--epochs", type=_positive, default=6)
     ap.add_argument("--max-len", type=_positive, default=96)
     ap.add_argument("--max-new-tokens", type=_positive, default=12)
     ap.add_argument("--eval-batch", type=_positive, default=64)
+    ap.add_argument("--workload-rows", type=_positive, default=64,
+                    help="rows of the fixed mixed-user workload that times each method against the base model")
+    ap.add_argument("--time-all", action="store_true", help="time the workload on every task, not only the first")
     ap.add_argument("--users-per-step", type=_positive, default=None)
     ap.add_argument("--lr", type=_lrs, default={}, help="learning-rate overrides, e.g. prompt=0.3,lora=1e-3")
     ap.add_argument("--global-examples-per-task", type=_positive, default=None)
@@ -77,6 +83,19 @@ def parse(argv=None):
         a.users_per_task, a.max_train, a.max_len, a.max_new_tokens = None, None, 512, 128
     a.progress = not a.no_progress
     return a
+
+
+def merge(outcomes: list) -> Outcome:
+    """One outcome from every rank's (each over its own users): per-user results joined, training wall time
+    the slowest rank's and throughput the sum, the timed workload rank 0's."""
+    from dataclasses import replace
+    first = next((o for o in outcomes if o.per_example), outcomes[0])
+    per_example = {u: v for o in outcomes for u, v in o.per_example.items()}
+    if len(outcomes) == 1:
+        return first
+    return replace(first, per_example=per_example, throughput=outcomes[0].throughput, train_seconds=max(o.train_seconds for o in outcomes),
+                   train_examples_per_s=sum(o.train_examples_per_s for o in outcomes),
+                   ranks={u: r for r, o in enumerate(outcomes) for u in o.per_example})
 
 
 def _read_part(part: Path, run_key: str) -> dict | None:
@@ -93,6 +112,8 @@ def _read_part(part: Path, run_key: str) -> dict | None:
 
 def main(argv=None):
     a = parse(argv)
+    a.device = dist.init(a.device)  # under torchrun: join the group, one device per rank
+    rank, n_ranks = dist.world()
     t_start = time.perf_counter()
     out = Path(a.out)
     (out / "parts").mkdir(parents=True, exist_ok=True)
@@ -107,19 +128,26 @@ def main(argv=None):
     short = missing_table(loaded, data_root(a.data_dir), a.verbose)
     if not tasks:
         raise SystemExit("no task could be loaded from the data root:\n" + short)
-    if short:
+    if short and dist.is_main():
         print(short, flush=True)
     if a.model:
         model, tok, minfo = from_checkpoint(a.model, a.device)
     else:
         g = {"examples_per_task": a.global_examples_per_task} if a.global_examples_per_task else None
-        model, tok, minfo = embedded_default(tasks, Path(a.cache or out.parent / "cache"), a.device, a.progress, g)
-    env = {**environment(a.device), "model": minfo["model"], "model_dir": minfo.get("cache"),
+        if not dist.is_main():
+            dist.barrier()  # rank 0 trains (or loads) the global model first; the others read its cache
+        model, tok, minfo = embedded_default(tasks, Path(a.cache or out.parent / "cache"), a.device,
+                                             a.progress and dist.is_main(), g)
+        if dist.is_main():
+            dist.barrier()
+    trained_global = [r for r, fresh in enumerate(dist.gather(not minfo.get("cached", True))) if fresh]
+    env = {**environment(a.device), "ranks": n_ranks, "global_model_trained_by_ranks": trained_global,
+           "model": minfo["model"], "model_dir": minfo.get("cache"),
            "data_root": str(data_root(a.data_dir)),
            "settings": {k: v for k, v in vars(a).items() if k not in ("progress",)}}
-    run_key = json.dumps({"model": minfo.get("cache", minfo["model"]), **{k: getattr(a, k) for k in (
+    run_key = json.dumps({"v": 2, "model": minfo.get("cache", minfo["model"]), **{k: getattr(a, k) for k in (
         "users_per_task", "max_train", "epochs", "max_len", "max_new_tokens", "full", "lr")}}, sort_keys=True)
-    rows = []
+    rows, timed = [], set()
     for name, task in tasks.items():
         users = prepare(task, a.users_per_task, a.max_train)
         if not users:
@@ -131,23 +159,40 @@ def main(argv=None):
             done = _read_part(part, run_key)
             if done is not None:
                 rows.append(done)  # finished earlier: reused
+                timed.update([m] if "infer_ratio" in done else [])
                 continue
-            print(f"[{name}] {m}: {len(users)} users", flush=True)
-            if m in BASELINES:
-                oc = run_baseline(m, model, tok, task, users, a)
+            if dist.is_main():
+                print(f"[{name}] {m}: {len(users)} users" + (f" over {n_ranks} ranks" if n_ranks > 1 else ""),
+                      flush=True)
+            # throughput is timed once per method (on the first task it runs), or on every task with --time-all;
+            # under torchrun by rank 0 alone, so that it times one process
+            a.measure_throughput = (a.time_all or m not in timed) and dist.is_main()
+            timed.add(m)
+            mine = [ud for ud in users if ud.user in set(dist.shard([u.user for u in users]))]
+            if not mine:  # more ranks than users
+                oc = Outcome({})
+            elif m in BASELINES:
+                oc = run_baseline(m, model, tok, task, mine, a)
             else:
-                oc = run_peft(m, model, tok, task, users, a, out / "train" / name / m)
+                oc = run_peft(m, model, tok, task, mine, a, out / "train" / name / m)
+            oc = merge(dist.gather(oc))
             row = {"task": name, "method": m, "partial": bool(task.partial), **oc.row(),
                    "per_user": oc.per_user}
-            save_json(part, {"run_key": run_key, "row": row})  # atomic: a kill never leaves half a part
+            if dist.is_main():
+                save_json(part, {"run_key": run_key, "row": row})  # atomic: a kill never leaves half a part
             rows.append(row)
+    if not dist.is_main():
+        dist.finish()
+        return
+    avg = report.add_stats(rows)  # intervals and paired comparisons into every row
     report.write_jsonl(out / "results.jsonl", rows, env)
-    md = report.summary_md(rows, methods, env, notes)
+    md = report.summary_md(rows, methods, env, notes, avg)
     (out / "summary.md").write_text(md)
-    report.plot(rows, methods, out / "quality_vs_throughput.png")
+    report.plot(rows, methods, out / "quality_vs_throughput.png", avg)
     print(md)
     print(f"wrote {out / 'results.jsonl'}, {out / 'summary.md'}, {out / 'quality_vs_throughput.png'} "
           f"in {time.perf_counter() - t_start:.0f} s")
+    dist.finish()
 
 
 if __name__ == "__main__":

@@ -7,9 +7,11 @@ from .t5 import T5
 
 
 @torch.no_grad()
-def greedy(model: T5, input_ids, attention_mask=None, max_new_tokens: int = 16, peft=None) -> torch.Tensor:
+def greedy(model: T5, input_ids, attention_mask=None, max_new_tokens: int = 16, peft=None,
+           stop_at_eos: bool = True) -> torch.Tensor:
     """New tokens (B, <= max_new_tokens), pad after each row's EOS, as HF's greedy `generate` gives them
-    (without the start token). Cross-attention keys/values are computed once per request."""
+    (without the start token). Cross-attention keys/values are computed once per request. stop_at_eos=False
+    always runs max_new_tokens steps (fixed work, for timing)."""
     cfg = model.cfg
     if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
@@ -24,7 +26,7 @@ def greedy(model: T5, input_ids, attention_mask=None, max_new_tokens: int = 16, 
         nxt = nxt.masked_fill(done, cfg.pad_token_id)
         out.append(nxt)
         done |= nxt == cfg.eos_token_id
-        if bool(done.all()):
+        if stop_at_eos and bool(done.all()):
             break
         tok = nxt[:, None]
     return torch.stack(out, 1)

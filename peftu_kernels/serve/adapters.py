@@ -66,9 +66,9 @@ class AdapterStore:
     def known(self, user: str) -> bool:
         return user in self.engine.users or self.path(user) is not None
 
-    def users(self) -> list[str]:
-        on_disk = [p.name for p in sorted(self.root.iterdir()) if p.is_dir()] if self.root else []
-        return sorted(set(self.engine.users) | set(on_disk))
+    def on_disk(self) -> list[str]:
+        """Ids of the user folders in the store (a folder's name is its user's id)."""
+        return sorted(p.name for p in self.root.iterdir() if p.is_dir()) if self.root else []
 
     # --- loading -------------------------------------------------------------------------------------
     def ready(self, user: str) -> bool:

@@ -176,10 +176,17 @@ def build_app(srv: ServingEngine, tokenizer=None, base_name: str = "base",
         return failed(req) or {"id": req.id, "object": "score", "model": body.model, "scores": req.scores,
                                "best": int(max(range(len(req.scores)), key=req.scores.__getitem__))}
 
+    async def on_loop(fn):
+        """fn() on the step loop's thread (the registry is not thread-safe), awaited here."""
+        fut = srv.call_soon(fn)
+        while not fut.done():
+            await asyncio.sleep(0.002)
+        return fut.result()
+
     @app.get("/v1/models")
     async def models():
-        loaded = set(srv.engine.users)
-        users = srv.store.users() if srv.store is not None else sorted(loaded)
+        loaded = set(await on_loop(lambda: list(srv.engine.users)))
+        users = sorted(loaded | set(srv.store.on_disk() if srv.store is not None else []))
         return {"object": "list", "data": [{"id": base_name, "object": "model", "loaded": True}] +
                 [{"id": u, "object": "model", "loaded": u in loaded} for u in users]}
 
@@ -202,10 +209,7 @@ def build_app(srv: ServingEngine, tokenizer=None, base_name: str = "base",
     async def unload(user: str):
         if user not in srv.engine.users:
             return _error(404, f"user {user!r} is not loaded", "not_found_error")
-        fut = srv.call_soon(lambda: srv.engine.remove(user))
-        while not fut.done():
-            await asyncio.sleep(0.005)
-        fut.result()
+        await on_loop(lambda: srv.engine.remove(user))
         return {"id": user, "loaded": False}
 
     @app.get("/health")

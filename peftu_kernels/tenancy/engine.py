@@ -74,7 +74,7 @@ class Engine:
         if user in self.users and not replace:
             raise ValueError(f"user {user!r} is already registered (pass replace=True to swap its modules)")
         order = list(self.users.items())
-        old, on_disk = self.users.get(user), user in self.users and self.users[user] is None
+        old = self.users.get(user)
         was_resident = user in self.slots
         try:
             self._release(user)
@@ -88,7 +88,7 @@ class Engine:
                 self._make_resident(user, pinned={user})
                 self.users = OrderedDict(order)
             raise
-        if on_disk:
+        if self.store is not None and self.store.has(user):
             self.store.remove(user)  # the replaced set's disk copy
 
     def _checked(self, user: str, modules) -> list[UserModule]:
@@ -108,7 +108,7 @@ class Engine:
 
     def remove(self, user: str) -> None:
         self._known(user)
-        if self.store is not None and self.users[user] is None:
+        if self.store is not None and self.store.has(user):
             self.store.remove(user)  # raises before anything else changes if the disk refuses
         self._release(user)
         del self.users[user]
