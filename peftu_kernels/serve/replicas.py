@@ -1,0 +1,170 @@
+"""Serving replicas on Ray Serve (the `replicas` extra): one replica per GPU, or per process on CPU.
+
+Each replica is our ServingEngine with its own adapter store. Ray Serve's model multiplexing, keyed by the
+user id (the request's `model`), sends a user's requests to a replica that already holds that user's
+adapter, and evicts a replica's least recently used users beyond `users_per_replica` (the eviction unloads
+them from that replica's engine). An ingress deployment serves the single-process server's JSON API
+(`/v1/completions` without streaming, `/v1/score`, `/v1/models`, `/health`) and forwards each request.
+
+    python -m peftu_kernels.serve.replicas --model DIR --adapters DIR --replicas 2 [--port 8000]
+"""
+
+import argparse
+import asyncio
+import os
+import threading
+import uuid
+from collections import Counter
+
+from fastapi import FastAPI
+from fastapi.responses import JSONResponse
+from ray import serve
+
+from .http import CompletionBody, ScoreBody
+
+BASE = "base"
+# users each replica keeps (Ray Serve evicts the least recently used beyond it); set per application
+USERS_PER_REPLICA = int(os.environ.get("PEFTU_USERS_PER_REPLICA", "64"))
+app = FastAPI(title="peftu serving replicas")
+
+
+class _Held:
+    """What multiplexing caches per user: dropping it (LRU eviction) unloads the user from the engine."""
+
+    def __init__(self, replica, user):
+        self.replica, self.user = replica, user
+
+    def __del__(self):
+        srv = self.replica.srv
+        if self.user in srv.engine.users:
+            srv.call_soon(lambda: self.user in srv.engine.users and srv.engine.remove(self.user))
+
+
+@serve.deployment
+class Replica:
+    def __init__(self, args: dict):
+        from . import __main__ as cli
+        self.srv, self.tok = cli.build(cli.parse(args["argv"]))
+        self.stop = threading.Event()
+        threading.Thread(target=self.srv.serve_forever, args=(self.stop,), daemon=True).start()
+        self.id, self.counts = uuid.uuid4().hex[:8], Counter()
+
+    @serve.multiplexed(max_num_models_per_replica=USERS_PER_REPLICA)
+    async def get_user(self, user: str):
+        if user != BASE:
+            store = self.srv.store
+            if store is None or not store.known(user):
+                raise KeyError(user)
+            for _ in range(60_000):
+                if user in self.srv.engine.users:
+                    break
+                if user in store.failed:
+                    raise ValueError(store.failed[user])
+                store.want(user, reload=False)
+                self.srv.wake()
+                await asyncio.sleep(0.005)
+        return _Held(self, user)
+
+    async def _run(self, req):
+        from .scheduler import Request  # noqa: F401
+        self.srv.submit(req)
+        while not req.done.is_set():
+            await asyncio.sleep(0.002)
+        return req
+
+    def _ids(self, p):
+        return p if isinstance(p, list) else self.tok(p, add_special_tokens=True).input_ids
+
+    async def complete(self, body: dict) -> dict:
+        from .scheduler import Request
+        user = serve.get_multiplexed_model_id()
+        await self.get_user(user)
+        self.counts[user] += 1
+        req = await self._run(Request(None if user == BASE else user, self._ids(body["prompt"]),
+                                      body.get("max_tokens") or min(16, self.srv.max_new)))
+        if req.error:
+            return {"error": {"message": req.error, "type": "server_error"}}
+        text = self.tok.decode(req.tokens, skip_special_tokens=True) if self.tok is not None else ""
+        return {"id": req.id, "object": "text_completion", "model": user, "replica": self.id,
+                "choices": [{"index": 0, "text": text, "tokens": req.tokens, "finish_reason": req.finish_reason}]}
+
+    async def score(self, body: dict) -> dict:
+        from .scheduler import Request
+        user = serve.get_multiplexed_model_id()
+        await self.get_user(user)
+        self.counts[user] += 1
+        req = await self._run(Request(None if user == BASE else user, self._ids(body["prompt"]),
+                                      labels=[self._ids(x) for x in body["labels"]]))
+        if req.error:
+            return {"error": {"message": req.error, "type": "server_error"}}
+        return {"id": req.id, "object": "score", "model": user, "replica": self.id, "scores": req.scores}
+
+    def stats(self) -> dict:
+        return {"replica": self.id, "requests_by_user": dict(self.counts), "loaded": sorted(self.srv.engine.users)}
+
+    def users(self) -> list[str]:
+        return self.srv.store.on_disk() if self.srv.store is not None else []
+
+
+@serve.deployment
+@serve.ingress(app)
+class Ingress:
+    def __init__(self, replica):
+        self.replica = replica
+
+    async def _forward(self, method: str, model: str, body: dict):
+        try:
+            out = await getattr(self.replica.options(multiplexed_model_id=model), method).remote(body)
+        except Exception as e:  # an unknown user raises KeyError inside the replica
+            unknown = "KeyError" in type(e).__name__ or "KeyError" in str(e)
+            return JSONResponse({"error": {"message": f"unknown model (user) {model!r}" if unknown else str(e),
+                                           "type": "not_found_error" if unknown else "server_error"}},
+                                status_code=404 if unknown else 500)
+        if "error" in out:
+            return JSONResponse(out, status_code=500)
+        return out
+
+    @app.post("/v1/completions")
+    async def completions(self, body: CompletionBody):
+        if body.stream:
+            return JSONResponse({"error": {"message": "streaming is served by the single-process server only",
+                                           "type": "invalid_request_error"}}, status_code=400)
+        return await self._forward("complete", body.model, body.model_dump())
+
+    @app.post("/v1/score")
+    async def score(self, body: ScoreBody):
+        return await self._forward("score", body.model, body.model_dump())
+
+    @app.get("/v1/models")
+    async def models(self):
+        users = await self.replica.users.remote()
+        return {"object": "list", "data": [{"id": u, "object": "model"} for u in [BASE] + users]}
+
+    @app.get("/health")
+    async def health(self):
+        return {"status": "ok"}
+
+
+def application(argv: list[str], replicas: int = 2, users_per_replica: int = 64, cpus_per_replica: float = 1.0):
+    """The Ray Serve application: `replicas` engines behind one ingress (argv: `python -m
+    peftu_kernels.serve` arguments, e.g. ["--model", DIR, "--adapters", DIR])."""
+    env = {"env_vars": {"PEFTU_USERS_PER_REPLICA": str(users_per_replica)}}
+    rep = Replica.options(num_replicas=replicas, ray_actor_options={"num_cpus": cpus_per_replica,
+                                                                    "runtime_env": env}).bind({"argv": argv})
+    return Ingress.options(ray_actor_options={"num_cpus": 0}).bind(rep)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(prog="python -m peftu_kernels.serve.replicas", description=__doc__.splitlines()[0])
+    ap.add_argument("--replicas", type=int, default=2)
+    ap.add_argument("--users-per-replica", type=int, default=64)
+    ap.add_argument("--port", type=int, default=8000)
+    a, rest = ap.parse_known_args(argv)
+    import ray
+    ray.init()
+    serve.start(http_options={"host": "127.0.0.1", "port": a.port})
+    serve.run(application(rest, a.replicas, a.users_per_replica), blocking=True)
+
+
+if __name__ == "__main__":
+    main()
