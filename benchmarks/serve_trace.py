@@ -128,6 +128,8 @@ def main(argv=None):
     ap.add_argument("--batch", type=int, default=32, help="static batching: most requests per batch")
     ap.add_argument("--wait-ms", type=float, default=100.0, help="static batching: longest wait to fill one")
     ap.add_argument("--max-rows", type=int, default=64, help="continuous batching: concurrent requests")
+    ap.add_argument("--encode-budget", type=int, default=None,
+                    help="continuous batching: encoder tokens admitted per step (default: the engine's, --max-len)")
     ap.add_argument("--max-len", type=int, default=256)
     ap.add_argument("--contenders", default="continuous,static,one_at_a_time,base,hf_peft,continuous_lora")
     ap.add_argument("--lora-only", action="store_true", help="every user LoRA r8 (the GPU check's 1,000 users)")
@@ -151,7 +153,7 @@ def main(argv=None):
 
     def serving(eng):
         return ServingEngine(ours, eng, max_rows=a.max_rows, max_input_len=a.max_len, max_new_tokens=12,
-                             max_virtual=32, encode_budget=4 * a.max_len)
+                             max_virtual=32, encode_budget=a.encode_budget)
 
     def ours_static(eng, users):
         def serve(batch):
