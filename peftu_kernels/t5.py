@@ -191,7 +191,8 @@ class Stack(nn.Module):
 
     def position_bias(self, qpos: torch.Tensor, kpos: torch.Tensor, delta=None) -> torch.Tensor:
         """(1|B, H, Lq, Lk) bias from layer 0's table, shared by every layer (as in T5). `delta` shifts each
-        row's (B,) or each row and key's (B, Lk) relative positions (AdapterHub's prefix tuning places a row's real keys after its prefix)."""
+        row's (B,) or each row and key's (B, Lk) relative positions (AdapterHub's prefix tuning places a row's
+        real keys after its prefix)."""
         rel = (kpos[None, :] - qpos[:, None])[None]
         if delta is not None:  # (B,) per row, or (B, Lk) per row and key column
             rel = rel + (delta[:, None, None] if delta.dim() == 1 else delta[:, None, :])
