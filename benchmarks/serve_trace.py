@@ -239,25 +239,14 @@ def main(argv=None):
 def http_run(srv, rate, duration, n_users, lengths, vocab, slo, in_process):
     """The same trace through the real server (loopback) and in-process: req/s of each, and errors."""
     import asyncio
-    import socket
-    import threading
 
     import httpx
-    import uvicorn
 
-    from peftu_kernels.serve.http import build_app
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(build_app(srv), host="127.0.0.1", port=port, log_level="warning"))
-    th = threading.Thread(target=server.run, daemon=True)
-    th.start()
-    while not server.started:
-        time.sleep(0.01)
+    from peftu_kernels.serve.http import build_app, serve_in_thread
     trace = make_trace(rate, duration, n_users, lengths, vocab, seed=7)
 
-    async def go():
-        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=duration * 3 + 30,
+    async def go(url):
+        async with httpx.AsyncClient(base_url=url, timeout=duration * 3 + 30,
                                      limits=httpx.Limits(max_connections=512)) as c:
             start = time.perf_counter()
 
@@ -269,9 +258,8 @@ def http_run(srv, rate, duration, n_users, lengths, vocab, slo, in_process):
                 t1 = time.perf_counter()
                 return (t0, t1, t1, len(resp.json()["choices"][0]["tokens"])) if resp.status_code == 200 else None
             return await asyncio.gather(*(one(r) for r in trace))
-    got = asyncio.run(go())
-    server.should_exit = True
-    th.join(10)
+    with serve_in_thread(build_app(srv)) as url:
+        got = asyncio.run(go(url))
     errors = sum(x is None for x in got)
     row = summarize("http", rate, [x or (None, None, None, 0) for x in got], duration, slo)
     inproc = summarize("continuous", rate, in_process(trace), duration, slo)

@@ -2,41 +2,17 @@
 every error path, cancellation frees memory, /metrics parses, load/unload, shutdown."""
 import asyncio
 import json
-import socket
 import threading
 import time
 
 import httpx
 import pytest
-import uvicorn
 
 from peftu_kernels import train_tokenizer
 from peftu_kernels.serve import AdapterStore, ServingEngine
-from peftu_kernels.serve.http import build_app
+from peftu_kernels.serve.http import build_app, serve_in_thread
 from peftu_kernels.tenancy import Engine
 from serve_world import USERS, Oracle, model, write_users
-
-
-class Server:
-    def __init__(self, app):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.url = f"http://127.0.0.1:{self.port}"
-
-    def __enter__(self):
-        self.thread.start()
-        for _ in range(500):
-            if self.server.started:
-                return self
-            time.sleep(0.01)
-        raise RuntimeError("server did not start")
-
-    def __exit__(self, *exc):
-        self.server.should_exit = True
-        self.thread.join(10)
 
 
 @pytest.fixture(scope="module")
@@ -48,15 +24,15 @@ def world(tmp_path_factory):
     eng = Engine(m, backend="reference", capacity=4)
     srv = ServingEngine(m, eng, AdapterStore(eng, root, host_capacity=6), max_rows=3, max_input_len=24,
                         max_new_tokens=8, max_virtual=8, max_queue=64)
-    with Server(build_app(srv, tok)) as s:
-        yield m, srv, s, Oracle(m, mods), tok
+    with serve_in_thread(build_app(srv, tok)) as url:
+        yield m, srv, url, Oracle(m, mods), tok
 
 
 def test_concurrent_requests_of_many_users_equal_each_alone(world):
-    m, srv, s, oracle, tok = world
+    m, srv, url, oracle, tok = world
 
     async def go():
-        async with httpx.AsyncClient(base_url=s.url, timeout=60) as c:
+        async with httpx.AsyncClient(base_url=url, timeout=60) as c:
             jobs = []
             for i, (u, *_) in enumerate(USERS + [("base",)] * 2):
                 ids = [5 + (i * 7 + j) % 80 for j in range(3 + i % 9)]
@@ -79,10 +55,10 @@ def test_concurrent_requests_of_many_users_equal_each_alone(world):
 
 
 def test_streaming_sends_each_token(world):
-    m, srv, s, oracle, tok = world
+    m, srv, url, oracle, tok = world
     u = USERS[3][0]
     ids = [7, 8, 9, 10]
-    with httpx.stream("POST", f"{s.url}/v1/completions", json={"model": u, "prompt": ids, "max_tokens": 6,
+    with httpx.stream("POST", f"{url}/v1/completions", json={"model": u, "prompt": ids, "max_tokens": 6,
                                                                "stream": True}, timeout=60) as r:
         assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
         events = [line[6:] for line in r.iter_lines() if line.startswith("data: ")]
@@ -93,14 +69,14 @@ def test_streaming_sends_each_token(world):
 
 
 def test_text_in_text_out(world):
-    m, srv, s, oracle, tok = world
-    r = httpx.post(f"{s.url}/v1/completions", json={"model": "base", "prompt": "hello world", "max_tokens": 3})
+    m, srv, url, oracle, tok = world
+    r = httpx.post(f"{url}/v1/completions", json={"model": "base", "prompt": "hello world", "max_tokens": 3})
     assert r.status_code == 200
     ids = tok("hello world").input_ids
     toks = oracle.tokens(None, ids, 3)
     assert r.json()["choices"][0]["tokens"] == toks
     assert r.json()["choices"][0]["text"] == tok.decode(toks, skip_special_tokens=True)
-    r = httpx.post(f"{s.url}/v1/score", json={"model": "base", "prompt": "hello world", "labels": ["yes", "no"]})
+    r = httpx.post(f"{url}/v1/score", json={"model": "base", "prompt": "hello world", "labels": ["yes", "no"]})
     assert r.status_code == 200 and len(r.json()["scores"]) == 2 and r.json()["best"] in (0, 1)
 
 
@@ -118,24 +94,24 @@ def test_text_in_text_out(world):
     ("/v1/score", {"model": "base", "prompt": [5], "labels": [[]]}, 400, "candidate 0"),
 ])
 def test_bad_requests_get_a_json_error(world, path, body, status, msg):
-    m, srv, s, oracle, tok = world
-    r = httpx.post(s.url + path, json=body)
+    m, srv, url, oracle, tok = world
+    r = httpx.post(url + path, json=body)
     assert r.status_code == status and msg in r.json()["error"]["message"], r.text
 
 
 def test_a_full_queue_is_429(world):
-    m, srv, s, oracle, tok = world
+    m, srv, url, oracle, tok = world
     old = srv.max_queue
     srv.max_queue = 0
     try:
-        r = httpx.post(f"{s.url}/v1/completions", json={"model": "base", "prompt": [5], "max_tokens": 2})
+        r = httpx.post(f"{url}/v1/completions", json={"model": "base", "prompt": [5], "max_tokens": 2})
         assert r.status_code == 429 and r.json()["error"]["type"] == "rate_limit_error"
     finally:
         srv.max_queue = old
 
 
 def test_a_client_that_disconnects_has_its_request_cancelled(world):
-    m, srv, s, oracle, tok = world
+    m, srv, url, oracle, tok = world
     before = srv.stats["cancelled"]
     gate = threading.Event()
     slow = srv.step
@@ -145,7 +121,7 @@ def test_a_client_that_disconnects_has_its_request_cancelled(world):
         slow()
     srv.step = step
     try:
-        with httpx.stream("POST", f"{s.url}/v1/completions", json={"model": "base", "prompt": [5, 6], "max_tokens": 8,
+        with httpx.stream("POST", f"{url}/v1/completions", json={"model": "base", "prompt": [5, 6], "max_tokens": 8,
                                                                    "stream": True}, timeout=30) as r:
             next(r.iter_lines())
     finally:
@@ -159,20 +135,20 @@ def test_a_client_that_disconnects_has_its_request_cancelled(world):
 
 def test_models_load_unload_and_metrics(world):
     from prometheus_client.parser import text_string_to_metric_families
-    m, srv, s, oracle, tok = world
+    m, srv, url, oracle, tok = world
     u = USERS[5][0]
-    ids = [u2["id"] for u2 in httpx.get(f"{s.url}/v1/models").json()["data"]]
+    ids = [u2["id"] for u2 in httpx.get(f"{url}/v1/models").json()["data"]]
     assert "base" in ids and set(x for x, *_ in USERS) <= set(ids)
-    r = httpx.post(f"{s.url}/v1/adapters/{u}", timeout=60)
+    r = httpx.post(f"{url}/v1/adapters/{u}", timeout=60)
     assert r.status_code == 200 and u in srv.engine.users
-    r = httpx.delete(f"{s.url}/v1/adapters/{u}")
+    r = httpx.delete(f"{url}/v1/adapters/{u}")
     assert r.status_code == 200 and u not in srv.engine.users
-    assert httpx.delete(f"{s.url}/v1/adapters/{u}").status_code == 404
-    assert httpx.post(f"{s.url}/v1/adapters/nobody").status_code == 404
-    r = httpx.post(f"{s.url}/v1/completions", json={"model": u, "prompt": [5, 6], "max_tokens": 2})
+    assert httpx.delete(f"{url}/v1/adapters/{u}").status_code == 404
+    assert httpx.post(f"{url}/v1/adapters/nobody").status_code == 404
+    r = httpx.post(f"{url}/v1/completions", json={"model": u, "prompt": [5, 6], "max_tokens": 2})
     assert r.status_code == 200 and r.json()["choices"][0]["tokens"] == oracle.tokens(u, [5, 6], 2)
-    assert httpx.get(f"{s.url}/health").json()["status"] == "ok"
-    fams = {f.name: f for f in text_string_to_metric_families(httpx.get(f"{s.url}/metrics").text)}
+    assert httpx.get(f"{url}/health").json()["status"] == "ok"
+    fams = {f.name: f for f in text_string_to_metric_families(httpx.get(f"{url}/metrics").text)}
     for name in ("peftu_waiting", "peftu_active", "peftu_tokens", "peftu_tokens_per_second", "peftu_last_step_seconds",
                  "peftu_adapter_loads", "peftu_adapter_host_evictions", "peftu_adapter_hit_rate", "peftu_kv_bytes"):
         assert name in fams, name
@@ -185,9 +161,9 @@ def test_shutdown_finishes_what_is_in_flight(tmp_path):
     eng = Engine(m, backend="reference")
     srv = ServingEngine(m, eng, AdapterStore(eng, tmp_path), max_rows=2, max_input_len=8, max_new_tokens=8)
     got = {}
-    with Server(build_app(srv, drain_seconds=10)) as s:
+    with serve_in_thread(build_app(srv, drain_seconds=10)) as url:
         def call():
-            got["r"] = httpx.post(f"{s.url}/v1/completions", json={"model": "base", "prompt": [5, 6],
+            got["r"] = httpx.post(f"{url}/v1/completions", json={"model": "base", "prompt": [5, 6],
                                                                   "max_tokens": 8}, timeout=30)
         t = threading.Thread(target=call)
         t.start()

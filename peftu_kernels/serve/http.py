@@ -222,3 +222,31 @@ def build_app(srv: ServingEngine, tokenizer=None, base_name: str = "base",
         return PlainTextResponse(render(srv), media_type="text/plain; version=0.0.4")
 
     return app
+
+
+class serve_in_thread:
+    """`with serve_in_thread(app) as url:` the app on 127.0.0.1 at a free port (uvicorn in a thread), for tests
+    and benchmarks; stopped on exit."""
+
+    def __init__(self, app, host: str = "127.0.0.1"):
+        import socket
+
+        import uvicorn
+        with socket.socket() as s:
+            s.bind((host, 0))
+            port = s.getsockname()[1]
+        self.server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.url = f"http://{host}:{port}"
+
+    def __enter__(self) -> str:
+        self.thread.start()
+        for _ in range(1000):
+            if self.server.started:
+                return self.url
+            time.sleep(0.01)
+        raise RuntimeError("the server did not start")
+
+    def __exit__(self, *exc):
+        self.server.should_exit = True
+        self.thread.join(10)

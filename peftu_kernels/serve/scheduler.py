@@ -196,11 +196,15 @@ class ServingEngine:
             return 0.0
         return (recent[-1][1] - recent[0][1]) / max(recent[-1][0] - recent[0][0], 1e-9)
 
-    def _finish(self, req: Request, reason: str, error: str | None = None) -> None:
+    def _finish(self, req: Request, reason: str, error: str | None = None, locked: bool = False) -> None:
+        """End a request (`locked`: the caller holds the lock)."""
         req.finish_reason, req.error = reason, error
         req.times["finished"] = time.perf_counter()
-        with self._lock:
+        if locked:
             self._by_id.pop(req.id, None)
+        else:
+            with self._lock:
+                self._by_id.pop(req.id, None)
         self.stats["finished"] += 1
         self.stats["cancelled"] += reason == "cancelled"
         self.stats["errors"] += reason == "error"
@@ -236,24 +240,14 @@ class ServingEngine:
             for u, q in list(self._queues.items()):
                 for r in [r for r in q if r.cancelled]:
                     q.remove(r)
-                    self._queued_end(r, "cancelled")
+                    self._finish(r, "cancelled", locked=True)
                 if u is not None and not self._servable(u):
                     why = self.store.failed.get(u) if self.store else None
                     for r in list(q):
                         q.remove(r)
-                        self._queued_end(r, "error", f"user {u!r}: " + (why or "unknown user"))
+                        self._finish(r, "error", f"user {u!r}: " + (why or "unknown user"), locked=True)
                 if not q:
                     del self._queues[u]
-
-    def _queued_end(self, r: Request, reason: str, error: str | None = None) -> None:
-        # called with the lock held
-        r.finish_reason, r.error = reason, error
-        r.times["finished"] = time.perf_counter()
-        self._by_id.pop(r.id, None)
-        self.stats["finished"] += 1
-        self.stats["cancelled"] += reason == "cancelled"
-        self.stats["errors"] += reason == "error"
-        r.done.set()
 
     def _servable(self, u: str) -> bool:
         if u in self.engine.users:
