@@ -113,7 +113,7 @@ def _read_part(part: Path, run_key: str) -> dict | None:
 def main(argv=None):
     a = parse(argv)
     a.device = dist.init(a.device)  # under torchrun: join the group, one device per rank
-    rank, n_ranks = dist.world()
+    n_ranks = dist.world()[1]
     t_start = time.perf_counter()
     out = Path(a.out)
     (out / "parts").mkdir(parents=True, exist_ok=True)
