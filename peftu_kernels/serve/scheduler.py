@@ -293,8 +293,14 @@ class ServingEngine:
         for r in [r for r in reqs if r.user is not None and r.user not in self.engine.users]:
             reqs.remove(r)
             self._finish(r, "error", f"user {r.user!r} was unloaded before its request started")
-        if not reqs:
-            return
+        # users with virtual prompt tokens widen every row of their encoder pass: encode them apart, so the
+        # others' rows are not padded by their prompts
+        widens = lambda r: r.user is not None and any(m.bank == "prompt" for m in self.engine.users[r.user])  # noqa
+        for group in ([r for r in reqs if not widens(r)], [r for r in reqs if widens(r)]):
+            if group:
+                self._prefill_group(group)
+
+    def _prefill_group(self, reqs: list[Request]) -> None:
         L = max(len(r.input_ids) for r in reqs)
         ids = torch.zeros(len(reqs), L, dtype=torch.long)
         mask = torch.zeros(len(reqs), L, dtype=torch.long)
