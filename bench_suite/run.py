@@ -19,7 +19,7 @@ from peftu_kernels import distributed as dist
 from peftu_kernels.io import save_json
 
 from .data import ALL_TASKS, DataError, MissingData, available, data_root
-from .data.__main__ import missing_table
+from .data.fetch import missing_table
 from .methods import ALL_METHODS, BASELINES, Outcome, run_baseline, run_peft
 from .model import embedded_default, from_checkpoint
 from .workload import prepare, tokenize

@@ -5,24 +5,8 @@ from __future__ import annotations
 import argparse
 
 from . import ALL_TASKS, DataError, MissingData, available, data_root
+from .fetch import missing_table
 from .stats import task_stats
-
-
-def missing_table(loaded: dict, root, verbose: bool = False) -> str:
-    """A short table of the tasks that cannot run and why, and the one command that fetches their data."""
-    bad = {n: e for n, e in loaded.items() if isinstance(e, (MissingData, DataError))}
-    if not bad:
-        return ""
-    lines = ["| task | state | what is missing |", "|---|---|---|"]
-    for n, e in bad.items():
-        what = ", ".join(getattr(e, "files", [])) if isinstance(e, MissingData) else str(e).split(":")[0]
-        lines.append(f"| {n} | {'missing' if isinstance(e, MissingData) else 'corrupt'} | {what} |")
-    some = f" --tasks {','.join(bad)}" if len(bad) < len(ALL_TASKS) else ""
-    lines.append(f"\nget them with: python -m bench_suite.data fetch --data-dir {root}{some}"
-                 + ("" if verbose else "   (details: --verbose)"))
-    if verbose:
-        lines += [f"- {n}: {e}" for n, e in bad.items()]
-    return "\n".join(lines)
 
 
 def fetch_main(a) -> int:

@@ -22,6 +22,8 @@ from pathlib import Path
 from peftu_kernels.io import atomic_write
 from peftu_kernels.progress import progress
 
+from . import ALL_TASKS
+from .core import DataError, MissingData
 from .sources import SOURCES, Source
 
 GITHUB_RAW = "https://raw.githubusercontent.com"
@@ -169,4 +171,21 @@ def summary(outcomes: list[Outcome]) -> str:
     n = {k: sum(o.state == k for o in outcomes) for k in ("fetched", "present", "failed", "manual")}
     lines.append(f"\n{n['fetched']} fetched, {n['present']} already present, {n['failed']} failed, "
                  f"{n['manual']} to get by hand")
+    return "\n".join(lines)
+
+
+def missing_table(loaded: dict, root, verbose: bool = False) -> str:
+    """A short table of the tasks that cannot run and why, and the one command that fetches their data."""
+    bad = {n: e for n, e in loaded.items() if isinstance(e, (MissingData, DataError))}
+    if not bad:
+        return ""
+    lines = ["| task | state | what is missing |", "|---|---|---|"]
+    for n, e in bad.items():
+        what = ", ".join(getattr(e, "files", [])) if isinstance(e, MissingData) else str(e).split(":")[0]
+        lines.append(f"| {n} | {'missing' if isinstance(e, MissingData) else 'corrupt'} | {what} |")
+    some = f" --tasks {','.join(bad)}" if len(bad) < len(ALL_TASKS) else ""
+    lines.append(f"\nget them with: python -m bench_suite.data fetch --data-dir {root}{some}"
+                 + ("" if verbose else "   (details: --verbose)"))
+    if verbose:
+        lines += [f"- {n}: {e}" for n, e in bad.items()]
     return "\n".join(lines)

@@ -71,9 +71,6 @@ class AdapterStore:
         return sorted(p.name for p in self.root.iterdir() if p.is_dir()) if self.root else []
 
     # --- loading -------------------------------------------------------------------------------------
-    def ready(self, user: str) -> bool:
-        return user in self.engine.users
-
     def loading(self, user: str) -> bool:
         return user in self._loading or user in self._staged
 
@@ -137,9 +134,6 @@ class AdapterStore:
             self.engine.remove(victim)
             self.stats["host_evictions"] += 1
         return True
-
-    def unload(self, user: str) -> None:
-        self.engine.remove(user)
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)

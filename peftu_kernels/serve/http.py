@@ -44,6 +44,19 @@ class ScoreBody(BaseModel):
     labels: list[Prompt] = Field(min_length=1)
 
 
+def completion_json(req: Request, model: str, text: str, **extra) -> dict:
+    """The OpenAI-style body of a finished generate request."""
+    return {"id": req.id, "object": "text_completion", "model": model, "created": int(time.time()), **extra,
+            "choices": [{"index": 0, "text": text, "tokens": req.tokens, "finish_reason": req.finish_reason}],
+            "usage": {"prompt_tokens": len(req.input_ids), "completion_tokens": len(req.tokens),
+                      "total_tokens": len(req.input_ids) + len(req.tokens)}}
+
+
+def score_json(req: Request, model: str, **extra) -> dict:
+    return {"id": req.id, "object": "score", "model": model, **extra, "scores": req.scores,
+            "best": int(max(range(len(req.scores)), key=req.scores.__getitem__))}
+
+
 def _error(status: int, message: str, kind: str) -> JSONResponse:
     return JSONResponse({"error": {"message": message, "type": kind}}, status_code=status)
 
@@ -129,12 +142,7 @@ def build_app(srv: ServingEngine, tokenizer=None, base_name: str = "base",
                 return err
             if not await wait(req, http):
                 return _error(499, "client closed the request", "cancelled")
-            return failed(req) or {
-                "id": req.id, "object": "text_completion", "model": body.model, "created": int(time.time()),
-                "choices": [{"index": 0, "text": text(req.tokens), "tokens": req.tokens,
-                             "finish_reason": req.finish_reason}],
-                "usage": {"prompt_tokens": len(req.input_ids), "completion_tokens": len(req.tokens),
-                          "total_tokens": len(req.input_ids) + len(req.tokens)}}
+            return failed(req) or completion_json(req, body.model, text(req.tokens))
         loop, q = asyncio.get_running_loop(), asyncio.Queue()
         req, err = submit(body, max_tokens=body.max_tokens or min(16, srv.max_new),
                           on_token=lambda t: loop.call_soon_threadsafe(q.put_nowait, t))
@@ -173,8 +181,7 @@ def build_app(srv: ServingEngine, tokenizer=None, base_name: str = "base",
             return err
         if not await wait(req, http):
             return _error(499, "client closed the request", "cancelled")
-        return failed(req) or {"id": req.id, "object": "score", "model": body.model, "scores": req.scores,
-                               "best": int(max(range(len(req.scores)), key=req.scores.__getitem__))}
+        return failed(req) or score_json(req, body.model)
 
     async def on_loop(fn):
         """fn() on the step loop's thread (the registry is not thread-safe), awaited here."""

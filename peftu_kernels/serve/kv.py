@@ -45,6 +45,10 @@ class KVPool:
         self._free.append(row)
 
     @property
+    def free(self) -> int:
+        return len(self._free)
+
+    @property
     def used(self) -> int:
         return self.rows - len(self._free)
 

@@ -20,7 +20,8 @@ from fastapi import FastAPI
 from fastapi.responses import JSONResponse
 from ray import serve
 
-from .http import CompletionBody, ScoreBody
+from .http import CompletionBody, ScoreBody, completion_json, score_json
+from .scheduler import Request
 
 BASE = "base"
 # users each replica keeps (Ray Serve evicts the least recently used beyond it); set per application
@@ -66,7 +67,6 @@ class Replica:
         return _Held(self, user)
 
     async def _run(self, req):
-        from .scheduler import Request  # noqa: F401
         self.srv.submit(req)
         while not req.done.is_set():
             await asyncio.sleep(0.002)
@@ -76,7 +76,6 @@ class Replica:
         return p if isinstance(p, list) else self.tok(p, add_special_tokens=True).input_ids
 
     async def complete(self, body: dict) -> dict:
-        from .scheduler import Request
         user = serve.get_multiplexed_model_id()
         await self.get_user(user)
         self.counts[user] += 1
@@ -85,11 +84,9 @@ class Replica:
         if req.error:
             return {"error": {"message": req.error, "type": "server_error"}}
         text = self.tok.decode(req.tokens, skip_special_tokens=True) if self.tok is not None else ""
-        return {"id": req.id, "object": "text_completion", "model": user, "replica": self.id,
-                "choices": [{"index": 0, "text": text, "tokens": req.tokens, "finish_reason": req.finish_reason}]}
+        return completion_json(req, user, text, replica=self.id)
 
     async def score(self, body: dict) -> dict:
-        from .scheduler import Request
         user = serve.get_multiplexed_model_id()
         await self.get_user(user)
         self.counts[user] += 1
@@ -97,7 +94,7 @@ class Replica:
                                       labels=[self._ids(x) for x in body["labels"]]))
         if req.error:
             return {"error": {"message": req.error, "type": "server_error"}}
-        return {"id": req.id, "object": "score", "model": user, "replica": self.id, "scores": req.scores}
+        return score_json(req, user, replica=self.id)
 
     def stats(self) -> dict:
         return {"replica": self.id, "requests_by_user": dict(self.counts), "loaded": sorted(self.srv.engine.users)}

@@ -259,7 +259,7 @@ class ServingEngine:
         out, budget = [], self.encode_budget
         cap = self.engine.capacity
         users = {a.req.user for a in self._active if a.req.user is not None}
-        free = len(self.pool._free)
+        free = self.pool.free
         with self._lock:
             progress = True
             while progress and self._queues:
