@@ -12,10 +12,10 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import environment
 
 from . import report
 from peftu_kernels import distributed as dist
+from peftu_kernels.envinfo import environment
 from peftu_kernels.io import save_json
 
 from .data import ALL_TASKS, DataError, MissingData, available, data_root

@@ -1,33 +1,14 @@
 """What every benchmark shares: the environment block, timing, markdown tables, JSON lines."""
 from __future__ import annotations
 
-import datetime
 import json
-import platform
 import statistics
-import subprocess
 import time
 from pathlib import Path
 
 import torch
 
-
-def environment(device: str | torch.device = "cpu") -> dict:
-    dev = torch.device(device)
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                cwd=Path(__file__).parent).stdout.strip() or None
-    except OSError:
-        commit = None
-    env = {"device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
-           "torch": torch.__version__, "cuda": torch.version.cuda, "python": platform.python_version(),
-           "commit": commit, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
-    for mod in ("triton", "transformers", "peft"):
-        try:
-            env[mod] = __import__(mod).__version__
-        except ImportError:
-            env[mod] = None
-    return env
+from peftu_kernels.envinfo import environment  # noqa: F401  (re-exported for the benchmarks)
 
 
 def timeit(fn, device="cpu", warmup: int = 2, reps: int = 7) -> dict:

@@ -16,7 +16,7 @@ import torch
 from benchmarks.common import environment, table, timeit, write_jsonl
 from peftu_kernels import ops
 from peftu_kernels.config import T5Config
-from peftu_kernels.tenancy.meta import make_segments
+from peftu_kernels.ops.segments import make_segments
 
 
 def slots_for(pop: str, B: int, S: int, g) -> torch.Tensor:

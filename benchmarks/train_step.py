@@ -21,7 +21,6 @@ from benchmarks.train_users import hf_twin, setup
 from peftu_kernels.init import new_module
 from peftu_kernels.optim import SlotAdamW
 from peftu_kernels.tenancy import Engine
-from peftu_kernels.tenancy.banks import trainable
 from peftu_kernels.train import collate, token_losses, user_loss
 
 
@@ -34,12 +33,12 @@ def our_step(model, users, rows_per_user: int, hp: dict):
     eng = Engine(model, dtype=torch.float32)
     for ud in users:
         eng.register(ud.user, new_module(model, "lora", ud.user, 42, **hp))
-    bank = next(iter(eng.banks.values()))
-    opt = SlotAdamW([t.requires_grad_(True) for t in trainable(bank)], bank.slots)
+    view = eng.train_view([ud.user for ud in users])
+    opt = SlotAdamW(view.params, view.n_slots)
     ex = [e for ud in users for e in ud.tokens["train"][:rows_per_user]]
     ids, mask, lab = collate(ex, model.cfg.pad_token_id, _device(model))
     batch = eng.batch([ud.user for ud in users for _ in range(rows_per_user)])
-    slots = torch.tensor([eng.slots[ud.user][bank.key] for ud in users])
+    slots = torch.tensor([view.slot[ud.user] for ud in users])
 
     def step():
         s, n = token_losses(model, ids, mask, lab, batch)

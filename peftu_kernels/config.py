@@ -4,7 +4,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
-ACTIVATIONS = ("relu", "gelu", "gelu_new", "silu")
+ACTIVATIONS = ("relu", "gelu", "gelu_new", "silu")  # the feed-forward activations T5 checkpoints use
 
 
 @dataclass(frozen=True)

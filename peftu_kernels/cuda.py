@@ -12,11 +12,12 @@ from pathlib import Path
 
 import torch
 
+from . import activations
+
 CSRC = Path(__file__).resolve().parent.parent / "csrc"
 ARCHS = ("80", "90")
 FLAGS = ["-O3", "-std=c++17", "-Xcompiler", "-fPIC", "--Werror", "all-warnings"]
 _DTYPE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
-_ACTS = {"identity": 0, "relu": 1, "silu": 2, "swish": 2, "gelu": 3, "gelu_new": 4, "tanh": 5, "sigmoid": 6}
 _lib = None
 
 
@@ -151,8 +152,8 @@ def adapter_op(h: torch.Tensor, residual: torch.Tensor, down: torch.Tensor, down
     if down.shape != (S, M, D) or up.shape != (S, D, M) or down_bias.shape != (S, M) or up_bias.shape != (S, D) \
             or residual.shape != h.shape:
         raise ValueError(f"peftu::adapter: h {tuple(h.shape)}, down {tuple(down.shape)}, up {tuple(up.shape)} do not fit")
-    if act not in _ACTS:
-        raise ValueError(f"peftu::adapter: activation {act!r} unsupported; known {sorted(_ACTS)}")
+    if not activations.known(act):
+        raise ValueError(f"peftu::adapter: activation {act!r} unsupported; known {sorted(activations.NAMES)}")
     slots = slots.long().contiguous()
     _check("adapter", {"h": h, "residual": residual, "down": down, "down_bias": down_bias, "up": up,
                        "up_bias": up_bias, "slots": slots}, h.dtype)
@@ -162,7 +163,7 @@ def adapter_op(h: torch.Tensor, residual: torch.Tensor, down: torch.Tensor, down
         _call("adapter", lib.peftu_adapter, f"B={Bn} L={L} D={D} M={M} S={S} dtype={h.dtype}", _DTYPE[h.dtype],
               _ptr(h), _ptr(residual), _ptr(out), _ptr(down), _ptr(down_bias), _ptr(up), _ptr(up_bias), _ptr(slots),
               ctypes.c_int64(S), ctypes.c_int64(Bn * L), ctypes.c_int64(L), ctypes.c_int64(D), ctypes.c_int64(M),
-              ctypes.c_int(_ACTS[act]), _stream(h.device))
+              ctypes.c_int(activations.code(act)), _stream(h.device))
     return out
 
 

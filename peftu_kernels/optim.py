@@ -1,8 +1,10 @@
 """AdamW with per-slot state: every user (slot) has its own step count and learning rate, and only the
 slots that took part in a step are updated, so a user's trajectory depends only on that user's data.
 
-The weights and moments live in flat (S, N) buffers (each caller's tensor becomes a view of the weights),
-and a step gathers the gradients with one cat: clipping and the update are a handful of ops whatever the
+The weights and moments live in flat (S, N) buffers. The optimiser adopts the caller's tensors: each becomes
+a view of its flat weights (same tensor object, new storage), so a bank that holds them keeps serving what
+the optimiser updates; a tensor that is later replaced (a bank that grew) is caught at the next step. A step
+gathers the gradients with one cat: clipping and the update are a handful of ops whatever the
 number of tensors, which on a GPU saves launches and host syncs, on a CPU Python overhead."""
 from __future__ import annotations
 
@@ -22,10 +24,17 @@ class SlotAdamW:
             torch.zeros(n_slots, 0, dtype=like.dtype, device=like.device)
         self.m = torch.zeros_like(self.flat, dtype=torch.float32)
         self.v = torch.zeros_like(self.flat, dtype=torch.float32)
-        off = 0
+        off, self._ptrs = 0, []
         for p, n in zip(params, self.sizes):
             p.data = self.flat[:, off:off + n].view(p.shape)  # the same tensor object, backed by the flat buffer
+            self._ptrs.append(p.data_ptr())
             off += n
+
+    def _check_adopted(self) -> None:
+        moved = [i for i, (p, ptr) in enumerate(zip(self.params, self._ptrs)) if p.data_ptr() != ptr]
+        if moved:
+            raise RuntimeError(f"SlotAdamW: parameters {moved} no longer share the optimiser's storage (were they "
+                               f"replaced, e.g. by a bank that grew?); build the optimiser after the bank is final")
 
     def zero_grad(self) -> None:
         for p in self.params:
@@ -46,6 +55,7 @@ class SlotAdamW:
     def step(self, slots: torch.Tensor, lrs: torch.Tensor, max_norm: float | None = None) -> torch.Tensor | None:
         """Update `slots` (long) with their learning rates `lrs` (same length), as torch.optim.AdamW does, after
         clipping each slot's gradient to `max_norm` (HF Trainer's max_grad_norm, per user). Returns the norms."""
+        self._check_adopted()
         b1, b2 = self.betas
         dev = self.flat.device
         sl = slots.to(dev)

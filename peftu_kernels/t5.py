@@ -13,10 +13,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import activations
 from .config import T5Config
 
-_ACT = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu,
-        "gelu_new": lambda x: F.gelu(x, approximate="tanh")}
 
 
 def relative_bucket(rel: torch.Tensor, bidirectional: bool, num_buckets: int, max_distance: int):
@@ -139,7 +138,7 @@ class Attention(nn.Module):
 class FeedForward(nn.Module):
     def __init__(self, cfg: T5Config):
         super().__init__()
-        self.gated, self.act = cfg.is_gated, _ACT[cfg.act]
+        self.gated, self.act = cfg.is_gated, activations.fn(cfg.act)
         if cfg.is_gated:
             self.wi_0, self.wi_1 = Linear(cfg.d_model, cfg.d_ff), Linear(cfg.d_model, cfg.d_ff)
         else:
@@ -215,10 +214,11 @@ class LayerCache:
 
 
 class DecoderCache:
-    """KV cache for greedy decoding: prefix keys first (if any), then one slot per generated token."""
+    """KV cache for greedy decoding: prefix keys first (if any), then one slot per generated token; the
+    cross-attention bias, built once per request."""
 
-    def __init__(self, layers, key_mask, pos: int):
-        self.layers, self.key_mask, self.pos = layers, key_mask, pos
+    def __init__(self, layers, key_mask, pos: int, cross_bias=None):
+        self.layers, self.key_mask, self.pos, self.cross_bias = layers, key_mask, pos, cross_bias
 
 
 class T5(nn.Module):
@@ -284,7 +284,7 @@ class T5(nn.Module):
         key_mask = torch.ones(B, cap, dtype=torch.bool, device=dev)
         if plen:
             key_mask[:, :plen] = peft.prefix_mask("decoder")
-        return DecoderCache(layers, key_mask, plen)
+        return DecoderCache(layers, key_mask, plen, self.cross_bias(enc_mask, dt, peft))
 
     def decode(self, dec_ids, enc, enc_mask, peft=None, cache: DecoderCache | None = None, positions=None,
                allowed=None):
@@ -315,7 +315,8 @@ class T5(nn.Module):
             cross = self.cross_kv(enc, peft)
         delta = peft.prefix_delta("decoder") if peft is not None and peft.prefix_len("decoder") else None
         bias = self.decoder.position_bias(qpos, kpos, delta).to(dt) + mask_to_bias(allow[:, None], dt)
-        cross_bias = self.cross_bias(enc_mask, dt, peft)
+        cross_bias = cache.cross_bias if cache is not None and cache.cross_bias is not None else \
+            self.cross_bias(enc_mask, dt, peft)
         for i, blk in enumerate(self.decoder.block):
             x = blk(x, bias, peft, cross[i], cross_bias, cache.layers[i] if cache else None,
                     cache.pos if cache else 0)

@@ -21,9 +21,8 @@ from .io import load_tensors, save_json, save_tensors
 from .optim import SlotAdamW, linear_warmup
 from .progress import progress
 from .t5 import T5
-from .tenancy import Engine, UserModule
 from .io import load_json
-from .tenancy.banks import read_slot, trainable
+from .tenancy import Engine, UserModule
 from .tenancy.ids import check_id, folder_name
 from .tenancy.store import load_user, save_user
 
@@ -149,29 +148,24 @@ class MultiUserTrainer:
                              f"{st.get('method')!r} vs {method!r}); use another out_dir or the same settings")
         return st
 
-    def _save_epoch(self, u: _User, slot: int, eng: Engine, opt: SlotAdamW, like: UserModule, improved: bool):
+    def _save_epoch(self, u: _User, view, opt: SlotAdamW, method: str, improved: bool):
         if self.out is None:
             return
-        d = self._dir(u.name)
-        bank = eng.banks[like.bank]
+        d, slot = self._dir(u.name), view.slot[u.name]
         if improved:
-            save_user(d / "best", [self._read(bank, slot, like)], u.name)
-        raw = {f"p.{i}": t.detach()[slot].clone() for i, t in enumerate(self.params)}
+            save_user(d / "best", [view.read(u.name)], u.name)
+        raw = {f"p.{i}": t.detach()[slot].clone() for i, t in enumerate(view.params)}
         raw.update({f"opt.{k}": v for k, v in opt.slot_state(slot).items()})
-        if like.method == "ptuning":
-            raw.update({f"enc.{k}": v.detach()[slot].clone() for k, v in self.enc_params.items()})
         save_tensors(d / "current.safetensors", raw)
         save_json(d / "state.json", {"epoch": u.epoch, "best": u.best, "bad_epochs": u.bad_epochs, "done": u.done,
-                                     "history": u.history, "config": asdict(self.cfg), "method": like.method,
+                                     "history": u.history, "config": asdict(self.cfg), "method": method,
                                      "user": u.name})
 
-    def _restore(self, u: _User, slot: int, opt: SlotAdamW, st: dict) -> None:
-        raw = load_tensors(self._dir(u.name) / "current.safetensors")
+    def _restore(self, u: _User, view, opt: SlotAdamW, st: dict) -> None:
+        raw, slot = load_tensors(self._dir(u.name) / "current.safetensors"), view.slot[u.name]
         with torch.no_grad():
-            for i, t in enumerate(self.params):
+            for i, t in enumerate(view.params):
                 t[slot] = raw[f"p.{i}"].to(t.device, t.dtype)
-            for k, t in self.enc_params.items():
-                t[slot] = raw[f"enc.{k}"].to(t.device, t.dtype)
         opt.load_slot_state(slot, {k[4:]: v for k, v in raw.items() if k.startswith("opt.")})
         u.epoch, u.best, u.bad_epochs, u.history = st["epoch"], st["best"], st["bad_epochs"], st["history"]
 
@@ -194,17 +188,12 @@ class MultiUserTrainer:
         eng = Engine(self.model, backend=self.backend, dtype=torch.float32)  # fp32 masters under any base dtype
         for n in users:
             eng.register(n, init[n])
-        like = {n: init[n] for n in users}
-        bank = eng.banks[init[next(iter(users))].bank]
-        slot = {n: eng.slots[n][bank.key] for n in users}
-        self.params = [t.requires_grad_(True) for t in trainable(bank)]
-        self._setup_ptuning(method, bank, init, slot)
-        opt = SlotAdamW(self.params + list(self.enc_params.values()), bank.slots, cfg.betas,
-                        cfg.eps, cfg.weight_decay)
+        view = eng.train_view(list(users))
+        opt = SlotAdamW(view.params, view.n_slots, cfg.betas, cfg.eps, cfg.weight_decay)
         for n, u in users.items():
             st = self._state(n, method)
             if st:
-                self._restore(u, slot[n], opt, st)
+                self._restore(u, view, opt, st)
         bar = progress(sum(u.total - u.epoch * u.steps_per_epoch for u in users.values()), f"train {len(data)} users",
                        self.progress)
         step, seen, t0 = 0, 0, time.perf_counter()
@@ -220,11 +209,11 @@ class MultiUserTrainer:
                 owners.append((u, len(b)))
             ids, mask, lab = collate(examples, self.model.cfg.pad_token_id, self.device)
             peft = eng.batch(rows)
-            self._ptuning_prompts(bank, [slot[u.name] for u in group])
+            view.before_forward([u.name for u in group])
             s, n_tok = token_losses(self.model, ids, mask, lab, peft)
             user_loss(s, n_tok, [k for _, k in owners]).backward()
-            bank.mask_padding_grads()
-            slots = torch.tensor([slot[u.name] for u in group])
+            view.after_backward()
+            slots = torch.tensor([view.slot[u.name] for u in group])
             k = opt.steps[slots].tolist()
             lrs = torch.tensor([cfg.lr * linear_warmup(k[j], u.total, u.warmup) for j, u in enumerate(group)])
             opt.step(slots, lrs, cfg.max_grad_norm)
@@ -233,7 +222,7 @@ class MultiUserTrainer:
             seen += len(examples)
             for u in group:
                 if u.pos >= len(u.train):
-                    self._end_epoch(u, eng, slot[u.name], opt, like[u.name], bank)
+                    self._end_epoch(u, eng, view, opt, method)
             active = [u for u in users.values() if not u.done]
             bar.update(len(group))
             bar.set_postfix(users_done=len(finished) + sum(u.done for u in users.values()),
@@ -243,8 +232,7 @@ class MultiUserTrainer:
                 raise KeyboardInterrupt(f"stopped after {step} steps (simulated kill)")
         bar.close()
         self.stats = {"steps": step, "examples": seen, "seconds": time.perf_counter() - t0}
-        for p in self.params:
-            p.requires_grad_(False)
+        view.release()
         out = dict(finished)
         for n, u in users.items():
             out[n] = load_user(self._dir(n) / "best")[0] if self.out else u.best_module
@@ -288,61 +276,17 @@ class MultiUserTrainer:
             tot, n = tot + float(s.sum()), n + int(k.sum())
         return tot / max(1, n)
 
-    def _end_epoch(self, u: _User, eng, slot, opt, like, bank):
+    def _end_epoch(self, u: _User, eng, view, opt, method: str):
         u.pos, u.epoch = 0, u.epoch + 1
-        if self._enc is not None:
-            self._ptuning_prompts(bank, [slot])
+        view.before_forward([u.name])  # P-tuning: validate on the prompt of the updated encoder
         vl = self._val_loss(u, eng)
         improved = not (vl >= u.best)  # NaN (no val split) counts as better: the last epoch wins
         u.history.append(vl)
         if improved:
             u.best, u.bad_epochs = vl, 0
             if self.out is None:
-                u.best_module = self._read(bank, slot, like)
+                u.best_module = view.read(u.name)
         else:
             u.bad_epochs += 1
         u.done = u.epoch >= self.cfg.epochs or (self.cfg.patience is not None and u.bad_epochs >= self.cfg.patience)
-        self._save_epoch(u, slot, eng, opt, like, improved)
-
-    def _read(self, bank, slot, like: UserModule) -> UserModule:
-        mod = read_slot(bank, slot, like)
-        for k, t in self.enc_params.items():  # P-tuning: its trained encoder too
-            mod.tensors[f"prompt_encoder.{k}"] = t.detach()[slot].clone()
-        return mod
-
-    # --- P-tuning: per-user prompt encoders produce the prompts each step ----------------------------
-    _enc = None
-
-    def _setup_ptuning(self, method, bank, init, slot):
-        self._enc, self.enc_params = None, {}
-        if method != "ptuning":
-            return
-        from .ptuning import PromptEncoder
-        c = next(iter(init.values())).config
-        self._enc = PromptEncoder(c["num_virtual_tokens"], self.model.cfg.d_model, c["encoder_hidden_size"],
-                                  c["encoder_type"]).to(self.device)
-        S = bank.slots
-        names = [k for k, _ in self._enc.named_parameters()]
-        self.enc_params = {k: torch.zeros(S, *dict(self._enc.named_parameters())[k].shape, device=self.device)
-                           for k in names}
-        with torch.no_grad():
-            for n, s in slot.items():
-                for k in names:
-                    self.enc_params[k][s] = init[n].tensors[f"prompt_encoder.{k}"]
-        for t in self.enc_params.values():
-            t.requires_grad_(True)
-        self.params = []  # the served prompt is an output, not a parameter
-        bank.prompts.requires_grad_(False)
-        self._base_prompts = bank.prompts
-
-    def _ptuning_prompts(self, bank, slots: list[int]):
-        if self._enc is None:
-            return
-        from torch.func import functional_call
-        out = [functional_call(self._enc, {k: v[s] for k, v in self.enc_params.items()}, ()) for s in slots]
-        idx = torch.tensor(slots, device=self.device)
-        P = out[0].shape[0]
-        base = self._base_prompts.detach()
-        bank.prompts = base.index_put((idx,), torch.nn.functional.pad(torch.stack(out), (0, 0, base.shape[1] - P, 0)))
-        with torch.no_grad():
-            self._base_prompts[idx] = bank.prompts[idx].detach()
+        self._save_epoch(u, view, opt, method, improved)

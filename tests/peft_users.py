@@ -88,8 +88,8 @@ class SingleAdapter(PlainHooks):
 
     def __init__(self, mod: UserModule):
         self.mod = mod
-        from peftu_kernels.ops.reference import ACT
-        self.act = ACT[mod.config["act"]]
+        from peftu_kernels import activations
+        self.act = activations.fn(mod.config["act"])
 
     def residual(self, site, x, f):
         t = self.mod.tensors

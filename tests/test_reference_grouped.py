@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from peftu_kernels.ops import reference as R
-from peftu_kernels.tenancy.meta import Segments, make_segments
+from peftu_kernels.ops.segments import Segments, make_segments
 
 
 def per_row(seg: Segments) -> Segments:

@@ -212,7 +212,7 @@ def test_failed_eviction_save_leaves_victim_resident(tmp_path, monkeypatch):
 
 
 def test_failed_bank_write_rolls_back_a_replace(eng, monkeypatch):
-    from peftu_kernels.tenancy import banks
+    from peftu_kernels.tenancy.methods import prompt as banks
     before, out = state(eng), forward(eng, ["a", "b"])
 
     def broken(self, slot, mod):

@@ -8,9 +8,8 @@ from helpers import hf_twin
 from peft_users import PEFT_CFG, PlainHooks
 from peftu_kernels.config import T5Config
 from peftu_kernels.init import new_module, user_generator
-from peftu_kernels.ptuning import PromptEncoder
+from peftu_kernels.tenancy.methods.ptuning import PromptEncoder
 from peftu_kernels.tenancy import Engine
-from peftu_kernels.tenancy.banks import read_slot, trainable
 from peftu_kernels.train import MultiUserTrainer, TrainConfig, collate, token_losses
 
 METHODS = {"lora": dict(r=3, alpha=6, targets=("q", "v", "wo")), "ia3": {}, "houlsby": dict(reduction_factor=6),
@@ -59,8 +58,8 @@ def train_alone(model, method, user, train, cfg):
     else:
         eng = Engine(model, backend="reference")
         eng.register(user, mod)
-        bank = eng.banks[mod.bank]
-        params = [t.requires_grad_(True) for t in trainable(bank)]
+        view = eng.train_view([user])
+        params = view.params
         hook = lambda rows: eng.batch(rows)
     steps = math.ceil(len(train) / cfg.batch_size)
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay)
@@ -77,9 +76,8 @@ def train_alone(model, method, user, train, cfg):
             opt.zero_grad()
     if method == "ptuning":
         return {"prompt_encoder." + k: v.detach() for k, v in enc.state_dict().items()} | {"prompt": enc().detach()}
-    for p in params:
-        p.requires_grad_(False)
-    return read_slot(bank, eng.slots[user][mod.bank], mod).tensors
+    view.release()
+    return view.read(user).tensors
 
 
 @pytest.mark.parametrize("method", list(METHODS))

@@ -7,7 +7,7 @@ import torch
 pytest.importorskip("triton", reason="triton is not installed")
 
 from peftu_kernels.ops import reference as R  # noqa: E402
-from peftu_kernels.tenancy.meta import make_segments  # noqa: E402
+from peftu_kernels.ops.segments import make_segments  # noqa: E402
 from peftu_kernels.triton import autograd as T  # noqa: E402
 from peftu_kernels.triton.adapter import adapter_into  # noqa: E402
 from peftu_kernels.triton.ia3 import ia3_into  # noqa: E402

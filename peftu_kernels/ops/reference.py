@@ -2,24 +2,30 @@
 
 Shapes: activations are (B, L, D) with one user slot per row, `slots` (B,) long, -1 = no module for that
 row. Banks stack every user's module along a slot dimension S. Accumulation is in fp32; results are cast
-back to the activation dtype once.
+back to the activation dtype once. With `seg` (the batch's Segments, built once on the host) the ops make no
+host sync; without it they find the active rows themselves.
 """
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
-ACT = {"relu": F.relu, "silu": F.silu, "swish": F.silu, "gelu": F.gelu, "tanh": torch.tanh,
-       "gelu_new": lambda x: F.gelu(x, approximate="tanh"), "sigmoid": torch.sigmoid, "identity": lambda x: x}
+from .. import activations
 
 
-def _active(slots):
-    """Rows that have a module: (index or None when all rows do, their slots)."""
-    on = slots >= 0
-    if bool(on.all()):
-        return None, slots
-    idx = on.nonzero().squeeze(1)
-    return idx, slots[idx]
+def _active(slots, seg=None):
+    """Rows that have a module: (index or None when all rows do, their slots, the single slot or -1)."""
+    if seg is not None and seg.n_active >= 0:
+        rows, single = seg.rows, seg.single
+    else:
+        on = slots >= 0
+        rows = None if bool(on.all()) else on.nonzero().squeeze(1)
+        s = slots if rows is None else slots[rows]
+        single = int(s[0]) if rows is None and bool((s == s[0]).all()) else -1
+    return rows, (slots if rows is None else slots[rows]), single
+
+
+def _none_active(rows, seg) -> bool:
+    return rows is not None and (seg.n_active == 0 if seg is not None and seg.n_active >= 0 else rows.numel() == 0)
 
 
 def _by_user(t, seg):
@@ -44,11 +50,10 @@ def lora_expand(y, h, B, rows, slots):
 def lora(y, x, A, B, scale, slots, rank=None, seg=None):
     """Semantics: `y[b] + scale[s] * (x[b] @ A[s].T) @ B[s].T` where `s = slots[b]`, rows with s < 0 unchanged.
     Mixed ranks are zero-padded to A's r (exact: padded rows/cols contribute 0)."""
-    rows, s = _active(slots)
-    if s.numel() == 0:
+    rows, s, u = _active(slots, seg)
+    if _none_active(rows, seg):
         return y
-    if rows is None and bool((s == s[0]).all()):  # one user for the whole batch: two plain matmuls, no gather
-        u = int(s[0])
+    if u >= 0:  # one user for the whole batch: two plain matmuls, no gather
         h = (x.float() @ A[u].float().T) * scale[u].float()
         return torch.addmm(y.float().flatten(0, -2), h.flatten(0, -2), B[u].float().T).view(y.shape).to(y.dtype)
     if seg is not None and seg.group:  # rows grouped by user: one matmul per user, no per-row gather
@@ -61,52 +66,48 @@ def lora(y, x, A, B, scale, slots, rank=None, seg=None):
 
 def ia3_scale(x, vec, slots, seg=None):
     """Semantics: `x[b] * vec[s]` (per feature), rows with s < 0 unchanged; vec (S, D)."""
-    v = torch.ones(slots.shape[0], x.shape[-1], dtype=x.dtype, device=x.device)
-    on = slots >= 0
-    v[on] = vec[slots[on]].to(x.dtype)
+    on = (slots >= 0)[:, None]
+    v = torch.where(on, vec[slots.clamp(min=0)].to(x.dtype), torch.ones((), dtype=x.dtype, device=x.device))
     return x * v[:, None, :]
 
 
 def adapter(h, residual, down, down_bias, up, up_bias, act: str, slots, seg=None):
     """Bottleneck adapter. Semantics: `residual[b] + up[s] @ act(down[s] @ h[b] + down_bias[s]) + up_bias[s]`;
     rows with s < 0: residual unchanged. down (S, m, D), down_bias (S, m), up (S, D, m), up_bias (S, D)."""
-    rows, s = _active(slots)
-    if s.numel() == 0:
+    rows, s, _ = _active(slots, seg)
+    if _none_active(rows, seg):
         return residual
     if seg is not None and seg.group:  # rows grouped by user: one matmul per user
         s, hs = seg.slot, _by_user(h.float(), seg)
     else:
         hs = (h if rows is None else h[rows]).float()
-    z = ACT[act](torch.baddbmm(down_bias[s].float()[:, None, :], hs, down[s].float().transpose(1, 2)))
+    z = activations.fn(act)(torch.baddbmm(down_bias[s].float()[:, None, :], hs, down[s].float().transpose(1, 2)))
     d = torch.baddbmm(up_bias[s].float()[:, None, :], z, up[s].float().transpose(1, 2)).to(residual.dtype)
     if seg is not None and seg.group:
         return residual + d.view(residual.shape)
     return residual + d if rows is None else residual.index_add(0, rows, d)
 
 
-def prompt_prepend(x, mask, prompts, lengths, slots):
+def prompt_prepend(x, mask, prompts, lengths, slots, P: int | None = None):
     """Prompt tuning: row b gets its user's `lengths[s]` virtual tokens right before its input, left-padded
-    (masked) to the batch's longest prompt. T5's bias is relative, so the padding changes nothing.
-    x (B, L, D), mask (B, L) bool, prompts (S, Pmax, D) (user tokens right-aligned), lengths (S,)."""
+    (masked) to the batch's longest prompt `P` (found with a host sync when not given). T5's bias is relative,
+    so the padding changes nothing. x (B, L, D), mask (B, L) bool, prompts (S, Pmax, D) (user tokens
+    right-aligned), lengths (S,)."""
     on = slots >= 0
-    P = int(lengths[slots[on]].max()) if bool(on.any()) else 0
+    s = slots.clamp(min=0)
+    n = torch.where(on, lengths[s], 0)
+    if P is None:
+        P = int(n.max())
     if P == 0:
         return x, mask
-    Pmax = prompts.shape[1]
-    p = torch.zeros(x.shape[0], P, x.shape[-1], dtype=x.dtype, device=x.device)
-    p[on] = prompts[slots[on], Pmax - P:].to(x.dtype)
-    n = torch.where(on, lengths[slots.clamp(min=0)], 0)
+    p = torch.where(on[:, None, None], prompts[s, prompts.shape[1] - P:].to(x.dtype), torch.zeros((), dtype=x.dtype))
     pmask = torch.arange(P, device=x.device)[None, :] >= (P - n)[:, None]
     return torch.cat([p, x], 1), torch.cat([pmask, mask], 1)
 
 
-def prefix_gather(k_bank, v_bank, lengths, slots, P: int):
-    """Prefix tuning: per-row prefix keys/values (B, H, P, dk), right-aligned, and their mask (B, P).
-    Banks (S, H, Pmax, dk) with each user's tokens right-aligned; rows with s < 0 get an all-False mask."""
-    on = slots >= 0
-    Pmax = k_bank.shape[2]
+def prefix_gather(k_bank, v_bank, slots, P: int):
+    """Prefix tuning: per-row prefix keys/values (B, H, P, dk), the last P of each slot's right-aligned tokens.
+    Banks (S, H, Pmax, dk); rows with s < 0 read slot 0 (the caller's mask hides every such column)."""
     s = slots.clamp(min=0)
-    k, v = k_bank[s, :, Pmax - P:], v_bank[s, :, Pmax - P:]
-    n = torch.where(on, lengths[s], 0)
-    mask = torch.arange(P, device=slots.device)[None, :] >= (P - n)[:, None]
-    return k, v, mask
+    Pmax = k_bank.shape[2]
+    return k_bank[s, :, Pmax - P:], v_bank[s, :, Pmax - P:]

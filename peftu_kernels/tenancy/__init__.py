@@ -1,9 +1,11 @@
-"""Multi-tenant PEFT: users, banks per method, BatchMeta, save/load, HF PEFT import/export."""
+"""Multi-tenant PEFT: users, a bank per method (one file per method in methods/), BatchMeta, save/load,
+HF PEFT / AdapterHub import/export."""
 from .engine import Engine, PeftBatch, StaleBatchError
 from .meta import BatchMeta
-from .modules import METHODS, UserModule, validate
+from . import methods
+from .modules import UserModule, validate
 from .ids import folder_name, user_of
 from .store import UserStore, load_user, save_user
 
-__all__ = ["Engine", "PeftBatch", "StaleBatchError", "BatchMeta", "UserModule", "METHODS", "validate", "load_user",
+__all__ = ["Engine", "PeftBatch", "StaleBatchError", "BatchMeta", "UserModule", "methods", "validate", "load_user",
            "save_user", "UserStore", "folder_name", "user_of"]

@@ -19,9 +19,10 @@ import torch.nn.functional as F
 
 from .. import ops
 from ..t5 import T5
-from .banks import Bank, make_bank
+from . import methods
 from .ids import check_id
 from .meta import BatchMeta
+from .methods import Bank, TrainView
 from .modules import UserModule, validate
 from .store import UserStore, save_user
 
@@ -99,11 +100,11 @@ class Engine:
                             f"{type(modules).__name__}")
         if not modules:
             raise ValueError(f"user {user!r}: no modules given (a user needs at least one)")
+        for m in modules:
+            validate(m, self.model, where=f"user {user!r} {m.method} module")
         keys = [m.bank for m in modules]
         if len(set(keys)) != len(keys):
             raise ValueError(f"user {user!r}: two modules for the same bank {keys}")
-        for m in modules:
-            validate(m, self.model, where=f"user {user!r} {m.method} module")
         return list(modules)
 
     def remove(self, user: str) -> None:
@@ -143,7 +144,8 @@ class Engine:
             for m in mods:
                 bank = self.banks.get(m.bank)
                 if bank is None:
-                    bank = self.banks[m.bank] = make_bank(m.bank, self.device, self.dtype)
+                    bank = self.banks[m.bank] = methods.get(m.method).new_bank(m.bank, self.model, self.device,
+                                                                               self.dtype)
                     self.free[m.bank] = []
                 if not self.free[m.bank]:
                     old = bank.slots
@@ -204,16 +206,57 @@ class Engine:
     def save(self, user: str, folder) -> None:
         save_user(folder, self.modules(user), user)
 
+    # --- training ----------------------------------------------------------------------------------
+    def train_view(self, users: list[str]) -> TrainView:
+        """The one bank that `users` (resident, one module each, all of one method) train in: its parameters,
+        each user's slot, reads of their current modules (see methods.base.TrainView). Nothing here evicts:
+        the caller keeps every user resident while it trains (no capacity, or capacity >= users)."""
+        mods = {}
+        for u in users:
+            self._known(u)
+            if u not in self.slots:
+                raise RuntimeError(f"train_view: user {u!r} is not resident (capacity {self.capacity})")
+            if len(self.users[u]) != 1:
+                raise ValueError(f"train_view: user {u!r} has {len(self.users[u])} modules; training takes one each")
+            mods[u] = self.users[u][0]
+        kinds = {m.method for m in mods.values()}
+        if len(kinds) != 1:
+            raise ValueError(f"train_view: users of one method per call (they share one bank), got {sorted(kinds)}")
+        first = next(iter(mods.values()))
+        keys = {m.bank for m in mods.values()}
+        if len(keys) != 1:
+            raise ValueError(f"train_view: the users' modules sit in different banks {sorted(keys)}")
+        key = keys.pop()
+        return methods.get(first.method).train_view(self.banks[key], {u: self.slots[u][key] for u in users}, mods)
+
+
+class _Ops(dict):
+    def __init__(self, backend):
+        super().__init__()
+        self.backend = backend
+
+    def __missing__(self, name):
+        fn = self[name] = ops.get(name, self.backend)
+        return fn
+
 
 class PeftBatch:
-    """The hooks our T5 calls; every one applies the batch's modules per row through the ops."""
+    """The hooks our T5 calls. Everything that depends only on who is in the batch (slots, segments, active
+    rows, prompt and prefix widths, masks and position shifts) is planned here once, on the host where cheap,
+    and moved to the device once: a generated token reuses it and makes no host sync."""
 
     def __init__(self, engine: Engine, meta: BatchMeta, residency: dict[str, int]):
-        self.engine, self.meta, self.banks = engine, meta, engine.banks
+        self.engine, self.meta = engine, meta
         self._residency, self._version = residency, engine.version
-        self.op = {name: ops.get(name, engine.backend) for name in ops.OPS}
-        self.adapter_keys = [k for k in meta.slots if k.startswith(("houlsby:", "pfeiffer:"))]
-        self._prefix_P: dict[str, int] = {}
+        self.op = _Ops(engine.backend)
+        banks = sorted((engine.banks[k] for k in meta.slots), key=lambda b: (b.order, b.key))
+        hooked = lambda h: [b for b in banks if h in b.hooks]  # noqa: E731
+        self._in, self._out, self._res = hooked("linear_in"), hooked("linear_out"), hooked("residual")
+        self._prompt = next(iter(hooked("prompt")), None)
+        self._prefix = next(iter(hooked("prefix")), None)
+        self.plans = {}
+        for b in banks:
+            self.plans[b.key] = b.plan(self)
 
     def check(self, rows: int) -> None:
         """Called by the model's entry points: the input must have this handle's rows, and every user of the
@@ -229,88 +272,35 @@ class PeftBatch:
             self._version = eng.version
 
     def linear(self, site: str, x, weight):
-        m = self.meta
-        ia3 = self.banks["ia3"].sites.get(site) if m.has("ia3") else None
-        if ia3 is not None and "ia3_in" in ia3:
-            x_in = self.op["ia3_scale"](x, ia3["ia3_in"], m.slots["ia3"], seg=m.segments["ia3"])
-        else:
-            x_in = x
+        x_in = x
+        for b in self._in:
+            x_in = b.linear_in(self, site, x_in)
         y = F.linear(x_in, weight)
-        if ia3 is not None and "ia3_out" in ia3:
-            y = self.op["ia3_scale"](y, ia3["ia3_out"], m.slots["ia3"], seg=m.segments["ia3"])
-        lora = self.banks["lora"].sites.get(site) if m.has("lora") else None
-        if lora is not None:
-            y = self.op["lora"](y, x, lora["A"], lora["B"], lora["scale"], m.slots["lora"], rank=lora["rank"],
-                                seg=m.segments["lora"])
+        for b in self._out:
+            y = b.linear_out(self, site, x, y, weight)
         return y
 
     def residual(self, site: str, x, f):
         out = x + f
-        for key in self.adapter_keys:
-            bank = self.banks[key]
-            g = bank.sites.get(site)
-            if g is None:
-                continue
-            h = f if bank.placement == "houlsby" else out
-            out = self.op["adapter"](h, out, g["down"], g["down_bias"], g["up"], g["up_bias"], bank.act,
-                                     self.meta.slots[key], seg=self.meta.segments[key])
+        for b in self._res:
+            out = b.residual(self, site, f, out)
         return out
 
     def prompt(self, x, mask):
-        if not self.meta.has("prompt"):
-            return x, mask
-        b = self.banks["prompt"]
-        return self.op["prompt_prepend"](x, mask, b.prompts, b.lengths, self.meta.slots["prompt"])
-
-    def _prefix_rows(self, stack: str):
-        """(slots, this stack's length per row) of the batch's prefix users, or None."""
-        if not self.meta.has("prefix"):
-            return None
-        s = self.meta.slots["prefix"]
-        n = torch.where(s >= 0, self.banks["prefix"].lengths[stack][s.clamp(min=0)], 0)
-        return s, n
+        return (x, mask) if self._prompt is None else self._prompt.prompt(self, x, mask)
 
     def prefix_len(self, stack: str) -> int:
-        if stack not in self._prefix_P:
-            rows = self._prefix_rows(stack)
-            self._prefix_P[stack] = int(rows[1].max()) if rows is not None else 0
-        return self._prefix_P[stack]
+        return 0 if self._prefix is None else self.plans[self._prefix.key][stack]["P"]
 
     def prefix_mask(self, stack: str):
-        P = self.prefix_len(stack)
-        n = self._prefix_rows(stack)[1]
-        return torch.arange(P, device=n.device)[None, :] >= (P - n)[:, None]
+        return self.plans[self._prefix.key][stack]["mask"]
 
     def prefix_delta(self, stack: str, prompt_width: int = 0, length: int = 0):
         """Shift of relative positions per row (B,), or per row and key column (B, P + length) when prompt
-        tuning widened the encoder input (now `length` long) by `prompt_width` columns: a row's own prefix length for AdapterHub users,
-        else 0. A row gets only its own prompt; the rest of the width is masked padding that must not move
-        its prefix columns relative to its queries (alone, that padding does not exist)."""
-        s, n = self._prefix_rows(stack)
-        ah = self.banks["prefix"].ah[s.clamp(min=0)] & (s >= 0)
-        if not bool(ah.any()):
-            return None
-        delta = torch.where(ah, n, 0)
-        if not prompt_width:
-            return delta
-        P = self.prefix_len(stack)
-        pad = torch.full_like(delta, prompt_width)
-        if self.meta.has("prompt"):
-            ps = self.meta.slots["prompt"]
-            pad = pad - torch.where(ps >= 0, self.banks["prompt"].lengths[ps.clamp(min=0)], 0)
-        cols = torch.arange(P + length, device=delta.device) < P
-        return delta[:, None] + torch.where(ah, pad, 0)[:, None] * cols[None, :]
+        tuning widened the encoder input (now `length` long) by `prompt_width` columns; None when no row
+        needs one (only AdapterHub prefixes shift positions)."""
+        rows = self.plans[self._prompt.key]["row_len"] if self._prompt is not None else None
+        return self._prefix.prefix_delta(self, stack, prompt_width, length, rows)
 
     def prefix_kv(self, site: str, k, v):
-        from .banks import prefix_stack
-        stack = prefix_stack(site)
-        P = self.prefix_len(stack)
-        if P == 0:
-            return k, v
-        b = self.banks["prefix"]
-        g = b.sites.get(site)
-        if g is None:  # no user of this batch has a prefix here; keep the shapes the mask expects
-            z = k.new_zeros(k.shape[0], k.shape[1], P, k.shape[3])
-            return torch.cat([z, k], 2), torch.cat([z, v], 2)
-        pk, pv, _ = self.op["prefix_gather"](g["k"], g["v"], b.lengths[stack], self.meta.slots["prefix"], P)
-        return torch.cat([pk.to(k.dtype), k], 2), torch.cat([pv.to(v.dtype), v], 2)
+        return (k, v) if self._prefix is None else self._prefix.prefix_kv(self, site, k, v)

@@ -22,20 +22,25 @@ from safetensors import safe_open
 
 from ..io import fsync_dir, load_json, load_tensors, save_json, save_tensors
 from .ids import check_id, folder_name, user_of
-from .modules import METHODS, UserModule
+from . import methods
+from .modules import UserModule
 
 FORMAT = "peftu-user-1"
 MANIFEST = "manifest.json"
-_METHOD = "(?:" + "|".join(METHODS) + ")"
-_OURS = re.compile(rf"^(?:{_METHOD}(?:\.[0-9a-f]{{8}})?\.safetensors|\.(?:{_METHOD}|manifest)\..*\.tmp)$")  # what a save may delete
+
+
+def _ours() -> re.Pattern:
+    """File names a save may delete: earlier sets of a registered method's files and orphaned temporaries."""
+    m = "(?:" + "|".join(map(re.escape, methods.names())) + ")"
+    return re.compile(rf"^(?:{m}(?:\.[0-9a-f]{{8}})?\.safetensors|\.(?:{m}|manifest)\..*\.tmp)$")
 
 
 def save_user(folder, modules: list[UserModule], user: str | None = None) -> None:
     """Write `modules` as the folder's new set (atomically, see the module doc). `user` is recorded."""
     folder = Path(folder)
-    methods = [m.method for m in modules]
-    if not modules or len(set(methods)) != len(methods):
-        raise ValueError(f"{folder}: a user's set needs one module per method, got {methods}")
+    kinds = [m.method for m in modules]
+    if not modules or len(set(kinds)) != len(kinds):
+        raise ValueError(f"{folder}: a user's set needs one module per method, got {kinds}")
     folder.mkdir(parents=True, exist_ok=True)
     tag, written = secrets.token_hex(4), []
     try:
@@ -56,9 +61,9 @@ def save_user(folder, modules: list[UserModule], user: str | None = None) -> Non
 
 def _clean(folder: Path, keep: set[str]) -> None:
     """Remove earlier sets' files and orphaned temporaries; never anything a save could not have written."""
-    removed = False
+    removed, ours = False, _ours()
     for f in folder.iterdir():
-        if f.name not in keep and f.name != MANIFEST and _OURS.match(f.name) and f.is_file():
+        if f.name not in keep and f.name != MANIFEST and ours.match(f.name) and f.is_file():
             f.unlink(missing_ok=True)
             removed = True
     if removed:
@@ -70,7 +75,7 @@ def load_module(path) -> UserModule:
     tensors = load_tensors(path)  # names the file if missing or corrupt
     with safe_open(str(path), "pt") as f:
         meta = f.metadata() or {}
-    if meta.get("format") != "peftu-1" or meta.get("method") not in METHODS:
+    if meta.get("format") != "peftu-1" or meta.get("method") not in methods.names():
         raise ValueError(f"{path}: not a peftu module file (metadata {meta})")
     try:
         config = json.loads(meta.get("config", "{}"))
@@ -90,8 +95,9 @@ def read_manifest(folder) -> dict | None:
     files = man.get("files") if isinstance(man, dict) else None
     if not isinstance(man, dict) or man.get("format") != FORMAT or not isinstance(files, dict) or not files:
         raise ValueError(f"{path}: not a peftu user manifest (format {FORMAT!r} with a non-empty 'files' map)")
+    ours = _ours()
     for method, name in files.items():
-        if method not in METHODS or not isinstance(name, str) or not _OURS.match(name) or name.startswith("."):
+        if method not in methods.names() or not isinstance(name, str) or not ours.match(name) or name.startswith("."):
             raise ValueError(f"{path}: bad entry {method!r}: {name!r}")
     return man
 
@@ -100,7 +106,7 @@ def load_user(folder) -> list[UserModule]:
     folder = Path(folder)
     man = read_manifest(folder)
     if man is None:  # written before manifests: every module file in the folder
-        files = sorted(f for f in folder.glob("*.safetensors") if re.match(rf"^{_METHOD}\.safetensors$", f.name))
+        files = sorted(f for f in folder.glob("*.safetensors") if f.stem in methods.names())
         if not files:
             raise FileNotFoundError(f"{folder}: no {MANIFEST} and no module files (*.safetensors)")
         return [load_module(f) for f in files]

@@ -13,9 +13,9 @@ import torch
 import triton
 import triton.language as tl
 
+from .. import activations
 from .lora import INTERPRET, _block_r, _dot
 
-ACTS = {"identity": 0, "relu": 1, "silu": 2, "swish": 2, "gelu": 3, "gelu_new": 4, "tanh": 5, "sigmoid": 6}
 
 
 @triton.jit
@@ -83,8 +83,8 @@ def _adapter_kernel(h_ptr, res_ptr, out_ptr, down_ptr, db_ptr, up_ptr, ub_ptr, s
 
 def adapter_into(out, h, residual, down, down_bias, up, up_bias, act: str, slots):
     """Writes residual + A(h) into `out` (which may be `residual` itself) and returns it."""
-    if act not in ACTS:
-        raise ValueError(f"adapter: activation {act!r} has no Triton kernel; known: {sorted(ACTS)}")
+    if not activations.known(act):
+        raise ValueError(f"adapter: activation {act!r} has no Triton kernel; known: {sorted(activations.NAMES)}")
     Bn, L, D = h.shape
     S, M, D2 = down.shape
     if D2 != D or up.shape != (S, D, M) or down_bias.shape != (S, M) or up_bias.shape != (S, D):
@@ -98,7 +98,7 @@ def adapter_into(out, h, residual, down, down_bias, up, up_bias, act: str, slots
     slots, down_bias, up_bias = slots.contiguous(), down_bias.contiguous(), up_bias.contiguous()  # stride-1 reads
     _adapter_kernel[grid](h, residual, out, down, down_bias, up, up_bias, slots, S, L, D, M, *h.stride(),
                           *residual.stride(), *out.stride(), *down.stride(), down_bias.stride(0), *up.stride(),
-                          up_bias.stride(0), ACT=ACTS[act], COPY=out.data_ptr() != residual.data_ptr(),
+                          up_bias.stride(0), ACT=activations.code(act), COPY=out.data_ptr() != residual.data_ptr(),
                           IEEE=h.dtype == torch.float32,
                           BLOCK_M=bm, BLOCK_B=_block_r(M), BLOCK_K=32 if INTERPRET else 64,
                           BLOCK_N=32 if INTERPRET else 64, num_warps=1 if INTERPRET else 4)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from ..ops.reference import ACT
-from ..tenancy.meta import make_segments
+from .. import activations
+from ..ops.segments import make_segments
 from . import adapter as _ad
 from . import ia3 as _ia3
 from . import lora as _lo
@@ -68,7 +68,7 @@ class _Adapter(torch.autograd.Function):
         pre = _lo.shrink(h, down, slots, full) + db.float()[slots.clamp(min=0)][:, None, :] * on
         with torch.enable_grad():
             p = pre.detach().requires_grad_(True)
-            z = ACT[ctx.act](p)
+            z = activations.fn(ctx.act)(p)
         dz = _lo.shrink(g, up.transpose(1, 2), slots, full, R=M)                  # g @ up[s]
         dpre = torch.autograd.grad(z, p, dz)[0] * on
         z = z.detach() * on

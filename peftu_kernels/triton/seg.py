@@ -1,6 +1,6 @@
 """Segmented reductions for weight gradients (Triton): deterministic, no atomics.
 
-Semantics (rows sorted by slot into segments, see tenancy.meta.Segments):
+Semantics (rows sorted by slot into segments, see ops/segments.py):
     outer:  out[slot[g]] = sum over rows b of segment g, tokens l:  U[b, l, :P]^T @ V[b, l, :Q]     (P, Q)
     rowsum: out[slot[g]] = sum over rows b of segment g, tokens l:  U[b, l, :]                       (D,)
 One program per (segment, output tile) walks its segment's rows in order, so the sum order is fixed.

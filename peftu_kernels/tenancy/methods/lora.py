@@ -1,0 +1,192 @@
+"""LoRA (Hu et al. 2021): y = W x + scale * B (A x), per user, on any bias-free linear.
+
+Tensors: `<linear>.lora_A` (r, in), `<linear>.lora_B` (out, r); config: r, alpha, use_rslora
+(scale alpha / r, or alpha / sqrt(r)). Bank: per site A (S, R, in), B (S, out, R) zero-padded to the widest
+rank R, scale (S,), rank (S,). Op: `lora` (ops/reference.py, Triton, CUDA).
+HF PEFT: LORA folders; AdapterHub: architecture "lora", composition "add".
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ...t5 import Linear
+from .. import formats as fm
+from ..modules import UserModule
+from . import register
+from .base import Bank, Method, pad, split_key
+
+# PEFT LoRA options that change nothing at inference; any other option with a value set is refused by name
+HARMLESS = {"task_type", "peft_type", "auto_mapping", "peft_version", "base_model_name_or_path", "revision",
+            "inference_mode", "r", "target_modules", "exclude_modules", "lora_alpha", "lora_dropout",
+            "use_rslora", "init_lora_weights", "layers_to_transform", "layers_pattern", "megatron_config",
+            "megatron_core", "eva_config", "qalora_group_size", "runtime_config", "ensure_weight_tying",
+            "rank_pattern", "alpha_pattern"}
+UNSUPPORTED = {"use_dora": False, "bias": "none", "modules_to_save": None, "fan_in_fan_out": False,
+               "layer_replication": None, "lora_bias": False, "target_parameters": None,
+               "trainable_token_indices": None, "use_qalora": False, "alora_invocation_tokens": None,
+               "use_bdlora": False, "kasa_config": None, "velora_config": None, "monteclora_config": None,
+               "arrow_config": None}
+# inits that rewrite the base weights: their adapters are only right on that rewritten base
+BASE_CHANGING_INIT = ("pissa", "olora", "loftq", "corda", "lora_ga")
+AH_DEFAULTS = {"use_gating": False, "use_dora": False, "leave_out": [], "vera_d": None, "vera_b": None}
+
+
+def lora_scale(config: dict) -> float:
+    r, alpha = config["r"], config.get("alpha", config["r"])
+    return alpha / r ** 0.5 if config.get("use_rslora") else alpha / r
+
+
+class LoraBank(Bank):
+    hooks = ("linear_out",)
+    order = 20
+
+    def write(self, slot: int, mod: UserModule) -> None:
+        self.clear(slot)
+        r, scale = mod.config["r"], lora_scale(mod.config)
+        for s in mod.sites():
+            A, B = mod.tensors[s + ".lora_A"], mod.tensors[s + ".lora_B"]
+            if s not in self.sites:
+                self.sites[s] = {"A": self._new("A", (r, A.shape[1])), "B": self._new("B", (B.shape[0], r)),
+                                 "scale": self._new("scale", ()), "rank": self._new("rank", (), 0, torch.long)}
+            g = self.sites[s]
+            if g["A"].shape[1] < r:
+                g["A"], g["B"] = pad(g["A"], 1, r), pad(g["B"], 2, r)
+            g["A"][slot, :r], g["B"][slot, :, :r] = self._t(A), self._t(B)
+            g["scale"][slot], g["rank"][slot] = scale, r
+
+    def _read(self, slot, key, v, like):
+        s, n = split_key(key)
+        g = self.sites[s]
+        return g["A"][slot, :v.shape[0]] if n == "lora_A" else g["B"][slot, :, :v.shape[1]]
+
+    def linear_out(self, pb, site, x, y, weight):
+        g = self.sites.get(site)
+        if g is None:
+            return y
+        slots, seg = self.slots_of(pb)
+        return pb.op["lora"](y, x, g["A"], g["B"], g["scale"], slots, rank=g["rank"], seg=seg)
+
+
+class LoRA(Method):
+    name, position = "lora", 10
+    suffixes = (".lora_A", ".lora_B")
+    bank = LoraBank
+    paper = dict(r=8, alpha=32, targets=("q", "v"))
+    peft_types = ("LORA",)
+    adapterhub = ("lora",)
+
+    def check(self, mod, model, fail):
+        r = mod.config.get("r")
+        if not isinstance(r, int) or isinstance(r, bool) or r < 1:
+            fail(f"LoRA rank r must be a positive int, got {r!r}")
+        alpha = mod.config.get("alpha", r)
+        if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not math.isfinite(alpha):
+            fail(f"LoRA alpha must be a finite number, got {alpha!r}")
+        for k in mod.tensors:
+            if not k.endswith(self.suffixes):
+                fail(f"unexpected tensor {k!r} for method {mod.method}")
+        lin = fm.sites_of(model, Linear)
+        for s in mod.sites():
+            if s not in lin:
+                fail(f"target module {s!r} does not exist in this model")
+            A, B = mod.tensors.get(s + ".lora_A"), mod.tensors.get(s + ".lora_B")
+            w = lin[s].weight
+            if A is None or B is None:
+                fail(f"{s} needs both lora_A and lora_B")
+            if A.shape != (r, w.shape[1]) or B.shape != (w.shape[0], r):
+                fail(f"{s}: lora_A {tuple(A.shape)} / lora_B {tuple(B.shape)} do not fit a "
+                     f"{w.shape[1]}->{w.shape[0]} linear at rank {r}")
+
+    def init(self, model, g, hp):
+        """PEFT's init: A kaiming-uniform(a=sqrt(5)), B zeros."""
+        r, t = hp["r"], {}
+        for n, m in model.named_modules():
+            if isinstance(m, Linear) and n.rsplit(".", 1)[1] in hp["targets"]:
+                bound = 1 / math.sqrt(m.in_features)
+                t[n + ".lora_A"] = (torch.rand(r, m.in_features, generator=g) * 2 - 1) * bound
+                t[n + ".lora_B"] = torch.zeros(m.out_features, r)
+        return UserModule(self.name, t, {"r": r, "alpha": hp["alpha"], "use_rslora": hp.get("use_rslora", False)})
+
+    # --- HF PEFT -----------------------------------------------------------------------------------
+    unsupported = UNSUPPORTED
+    extra_parts = ()  # tensors beyond A and B a variant saves (DoRA's magnitude)
+
+    def claims_peft(self, cfg):
+        return not cfg.get("use_dora")
+
+    def from_peft(self, folder, cfg, w, model):
+        for k, ok in self.unsupported.items():
+            if cfg.get(k, ok) not in (ok, None, [], {}):
+                fm.bad(folder, f"LoRA option {k}={cfg[k]!r} is not supported")
+        if cfg.get("rank_pattern") or cfg.get("alpha_pattern"):
+            fm.bad(folder, "LoRA rank_pattern / alpha_pattern are not supported (one rank and alpha per user)")
+        unknown = {k: v for k, v in cfg.items() if k not in HARMLESS and k not in self.unsupported
+                   and v not in (None, False, [], {}, "")}
+        if unknown:
+            fm.bad(folder, f"LoRA option(s) {unknown} are not supported")
+        if str(cfg.get("init_lora_weights", True)).lower() in BASE_CHANGING_INIT:
+            fm.bad(folder, f"init_lora_weights={cfg['init_lora_weights']!r} rewrites the base weights; save the "
+                           f"adapter converted to plain LoRA (PEFT's path_initial_model_for_weight_conversion)")
+        r, alpha = cfg.get("r"), cfg.get("lora_alpha", 8)
+        if not isinstance(r, int) or isinstance(r, bool) or r < 1:
+            fm.bad(folder, f"LoRA rank r must be a positive int, got {r!r}")
+        if not isinstance(alpha, (int, float)) or isinstance(alpha, bool):
+            fm.bad(folder, f"lora_alpha must be a number, got {alpha!r}")
+        targets = cfg.get("target_modules")
+        parts = {".lora_A.weight": "lora_A", ".lora_B.weight": "lora_B", **{f".{p}": p for p in self.extra_parts}}
+        t = {}
+        for k, v in w.items():
+            suf = next((x for x in parts if k.endswith(x)), None)
+            if suf is None:
+                extra = "".join(f" or {p}" for p in self.extra_parts)
+                fm.bad(folder, f"tensor {k!r} is not a LoRA A/B weight{extra} (LoRA variants that save other "
+                               f"tensors, such as KaSA or BD-LoRA, are not supported)")
+            site = fm.peft_site(folder, k, suf)
+            if isinstance(targets, (str, list)) and not fm.targeted(site, targets):
+                fm.bad(folder, f"tensor {k!r} is for {site!r}, which target_modules={targets!r} does not name "
+                               f"(PEFT refuses this folder too)")
+            t[f"{site}.{parts[suf]}"] = v
+        return UserModule(self.name, t, {"r": r, "alpha": alpha, "use_rslora": bool(cfg.get("use_rslora"))})
+
+    def to_peft(self, mod, model):
+        targets = sorted({s.rsplit(".", 1)[1] for s in mod.sites()})
+        cfg = {**fm.peft_base_config(), "peft_type": "LORA", "r": mod.config["r"],
+               "lora_alpha": mod.config.get("alpha", mod.config["r"]), "use_rslora": mod.config.get("use_rslora", False),
+               "target_modules": targets, "lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": False,
+               "init_lora_weights": True}
+        w = {}
+        for k, v in mod.tensors.items():
+            site, part = split_key(k)
+            w[f"{fm.PEFT_PREFIX}{site}.{part}" + (".weight" if part in ("lora_A", "lora_B") else "")] = v
+        return cfg, w
+
+    # --- AdapterHub --------------------------------------------------------------------------------
+    def claims_adapterhub(self, cfg):
+        return cfg.get("composition_mode", "add") != "scale"
+
+    def from_adapterhub(self, folder, cfg, name, w, model):
+        fm.check_opts(folder, cfg, AH_DEFAULTS)
+        if cfg.get("composition_mode", "add") != "add":
+            fm.bad(folder, f"composition_mode {cfg.get('composition_mode')!r} is not supported")
+        infix, t = f".loras.{name}.", {}
+        for k, v in w.items():
+            if infix not in k or k.split(infix)[1] not in ("lora_A", "lora_B"):
+                fm.bad(folder, f"unexpected tensor {k!r} for LoRA")
+            site, part = k.split(infix)
+            t[f"{site}.{part}"] = v.clone()
+        return UserModule(self.name, t, {"r": cfg["r"], "alpha": cfg.get("alpha", 8), "format": "adapterhub"})
+
+    def to_adapterhub(self, mod, model, name):
+        ks = mod.tensors
+        cfg = {**AH_DEFAULTS, "architecture": "lora", "composition_mode": "add", "r": mod.config["r"],
+               "alpha": mod.config.get("alpha", mod.config["r"]), "selfattn_lora": True, "dropout": 0.0,
+               "attn_matrices": sorted({k.rsplit(".", 2)[1] for k in ks if ".SelfAttention." in k
+                                        or ".EncDecAttention." in k}),
+               "intermediate_lora": any(".wi" in k for k in ks), "output_lora": any(".wo." in k for k in ks),
+               "init_weights": "lora"}
+        return cfg, {f"{split_key(k)[0]}.loras.{name}.{split_key(k)[1]}": v for k, v in ks.items()}
+
+
+LORA = register(LoRA())
