@@ -10,7 +10,7 @@ import torch
 from peftu_kernels.generate import greedy
 from peftu_kernels.progress import progress as make_bar
 from peftu_kernels.init import new_module
-from peftu_kernels.tenancy import Engine
+from peftu_kernels.tenancy import Engine, methods
 from peftu_kernels.train import MultiUserTrainer, TrainConfig, collate
 
 from . import throughput
@@ -18,13 +18,16 @@ from .data import Task, correct
 from .workload import UserData
 
 BASELINES = ["zero-shot", "few-shot", "majority"]
-PEFT_METHODS = ["lora", "houlsby", "pfeiffer", "ia3", "prompt", "prefix", "ptuning"]
-ALL_METHODS = BASELINES + PEFT_METHODS
+PEFT_METHODS = [m.name for m in methods.all_methods() if m.in_paper]  # the paper's set: the default run
+ALL_METHODS = BASELINES + list(methods.names())                        # every registered method can be asked for
+DEFAULT_METHODS = BASELINES + PEFT_METHODS
 
 # Embedded-default hyper-parameters (a 1.7M-parameter model learns at these rates; the paper's 2e-5 is
-# for Flan-T5-base). --full uses the paper's TrainConfig() and PAPER module settings.
+# for Flan-T5-base). --full uses the paper's TrainConfig() and each method's `paper` settings. A method without
+# an entry here trains at DEFAULT_SMALL_LR with its paper settings.
 SMALL_LR = {"lora": 3e-3, "houlsby": 3e-3, "pfeiffer": 1e-2, "ia3": 1e-1, "prompt": 3e-1, "prefix": 5e-2,
             "ptuning": 1e-2}
+DEFAULT_SMALL_LR = 3e-3
 SMALL_HP = {"lora": dict(r=8, alpha=32, targets=("q", "v", "wi_0", "wi_1", "wo")), "houlsby": dict(reduction_factor=8),
             "pfeiffer": dict(reduction_factor=4), "prompt": dict(num_virtual_tokens=10),
             "prefix": dict(num_virtual_tokens=10), "ptuning": dict(num_virtual_tokens=10, encoder_hidden_size=64,
@@ -113,7 +116,7 @@ def run_baseline(kind, model, tok, task, users, a) -> Outcome:
 
 def run_peft(method, model, tok, task, users, a, train_dir) -> Outcome:
     hp = {} if a.full else SMALL_HP.get(method, {})
-    lr = a.lr.get(method, 2e-5 if a.full else SMALL_LR[method])
+    lr = a.lr.get(method, 2e-5 if a.full else SMALL_LR.get(method, DEFAULT_SMALL_LR))
     cfg = TrainConfig(lr=lr) if a.full else TrainConfig(epochs=a.epochs, batch_size=8, lr=lr,
                                                         users_per_step=a.users_per_step)
     init = {ud.user: new_module(model, method, ud.user, 42, **hp) for ud in users}

@@ -20,7 +20,7 @@ from peftu_kernels.io import save_json
 
 from .data import ALL_TASKS, DataError, MissingData, available, data_root
 from .data.fetch import missing_table
-from .methods import ALL_METHODS, BASELINES, Outcome, run_baseline, run_peft
+from .methods import ALL_METHODS, BASELINES, DEFAULT_METHODS, Outcome, run_baseline, run_peft
 from .model import embedded_default, from_checkpoint
 from .workload import prepare, tokenize
 
@@ -54,7 +54,7 @@ def _lrs(s: str) -> dict[str, float]:
 def parse(argv=None):
     ap = argparse.ArgumentParser(prog="python -m bench_suite.run", description=__doc__.splitlines()[0])
     ap.add_argument("--tasks", default=None, help=f"comma-separated (default: every available one of {ALL_TASKS})")
-    ap.add_argument("--methods", default=None, help=f"comma-separated (default: {','.join(ALL_METHODS)})")
+    ap.add_argument("--methods", default=None, help=f"comma-separated from {','.join(ALL_METHODS)} (default: {','.join(DEFAULT_METHODS)})")
     ap.add_argument("--model", default=None, help="HF checkpoint folder or hub id (default: the embedded tiny T5)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--backend", default=None, help="reference | triton | cuda | auto (default: PEFTU_BACKEND or auto)")
@@ -117,7 +117,7 @@ def main(argv=None):
     t_start = time.perf_counter()
     out = Path(a.out)
     (out / "parts").mkdir(parents=True, exist_ok=True)
-    methods = a.methods.split(",") if a.methods else ALL_METHODS
+    methods = a.methods.split(",") if a.methods else DEFAULT_METHODS
     bad = [m for m in methods if m not in ALL_METHODS]
     if bad:
         raise SystemExit(f"unknown method(s) {bad}; known: {ALL_METHODS}")

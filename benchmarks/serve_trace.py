@@ -12,9 +12,7 @@ HTTP server on 127.0.0.1 (async httpx) beside the same trace in-process. Random 
 from __future__ import annotations
 
 import argparse
-import copy
 import random
-import statistics
 import time
 
 import torch

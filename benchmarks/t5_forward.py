@@ -12,19 +12,14 @@ import torch
 from benchmarks.common import environment, interleaved, table, write_jsonl
 from peftu_kernels.config import T5Config
 from peftu_kernels.generate import greedy
+from peftu_kernels.checkpoint import to_hf
 from peftu_kernels.t5 import T5
 
 
 def build(shape: str, device, dtype):
-    import transformers
     cfg = T5Config.from_name(shape)
     ours = T5.from_config(cfg, dtype=torch.float32).eval()
-    hcfg = transformers.T5Config(**{k: v for k, v in cfg.to_hf().items() if k != "architectures"})
-    hf = transformers.T5ForConditionalGeneration(hcfg).eval()
-    state = {k: v for k, v in ours.state_dict().items() if k != "lm_head.weight"}  # HF ties head and `shared`
-    hf.load_state_dict(state, strict=False)  # its embed_tokens copies follow `shared`
-    hf.lm_head.weight = torch.nn.Parameter(ours.lm_head.weight.detach().clone())  # Flan-T5's head is untied
-    return cfg, ours.to(device, dtype), hf.to(device, dtype)
+    return cfg, ours.to(device, dtype), to_hf(ours).to(device, dtype)
 
 
 def main(argv=None):

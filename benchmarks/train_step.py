@@ -10,14 +10,14 @@ floor's bounds what any multi-user trainer can gain over the paper's loop on thi
 from __future__ import annotations
 
 import argparse
-import copy
 import time
 
 import torch
 
 from bench_suite.methods import SMALL_HP
 from benchmarks.common import environment, interleaved, table, write_jsonl
-from benchmarks.train_users import hf_twin, setup
+from benchmarks.train_users import setup
+from peftu_kernels.checkpoint import to_hf
 from peftu_kernels.init import new_module
 from peftu_kernels.optim import SlotAdamW
 from peftu_kernels.tenancy import Engine
@@ -51,7 +51,7 @@ def our_step(model, users, rows_per_user: int, hp: dict):
 def hf_step(model, ud, rows: int, hp: dict):
     import peft
     p = next(model.parameters())
-    hf = hf_twin(copy.deepcopy(model).float().cpu()).to(p.device, p.dtype)
+    hf = to_hf(model).to(p.device, p.dtype)
     pm = peft.get_peft_model(hf, peft.LoraConfig(task_type="SEQ_2_SEQ_LM", r=hp["r"], lora_alpha=hp["alpha"],
                                                  target_modules=list(hp["targets"]))).train()
     params = [p for p in pm.parameters() if p.requires_grad]

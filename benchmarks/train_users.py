@@ -20,6 +20,7 @@ from bench_suite.methods import SMALL_HP, SMALL_LR
 from bench_suite.model import embedded_default
 from bench_suite.workload import prepare, tokenize
 from benchmarks.common import environment, table, write_jsonl
+from peftu_kernels.checkpoint import to_hf
 from peftu_kernels.generate import greedy
 from peftu_kernels.init import new_module, user_generator
 from peftu_kernels.tenancy import Engine
@@ -38,17 +39,6 @@ def setup(task_name: str, n_users: int, max_train: int, max_len: int, cache, sha
     users = prepare(task, n_users, max_train)
     tokenize(users, tok, max_len, truncate_left=True)
     return task, model, tok, users
-
-
-def hf_twin(model):
-    import transformers
-    hcfg = transformers.T5Config(**{k: v for k, v in model.cfg.to_hf().items() if k != "architectures"})
-    hf = transformers.T5ForConditionalGeneration(hcfg)
-    state = {k: v for k, v in model.state_dict().items() if k != "lm_head.weight"}
-    hf.load_state_dict(state, strict=False)
-    if model.lm_head is not None:
-        hf.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach().clone())
-    return hf.eval()
 
 
 def hf_peft_one_user(hf, train, cfg: TrainConfig, user: str, hp: dict, init, device="cpu"):
@@ -136,7 +126,7 @@ def main(argv=None):
                         a.device)
     rows = [{"way": k, "seconds": s, "examples_per_s": n_ex / s, "accuracy": ours_acc(m)} for k, (s, m) in res.items()]
     if not a.no_hf and a.method == "lora":
-        hf = hf_twin(model.cpu()).to(a.device, dtype)  # PEFT keeps its LoRA weights float32 over it
+        hf = to_hf(model.cpu()).to(a.device, dtype)  # PEFT keeps its LoRA weights float32 over it
         model.to(a.device)
         u0 = next(iter(data))
         hf_peft_one_user(hf, warm[u0]["train"], wcfg, u0, hp, init[u0], a.device)  # warm-up, untimed

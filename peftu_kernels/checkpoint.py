@@ -77,3 +77,16 @@ def save_pretrained(model: T5, folder) -> None:
     if model.lm_head is None:  # HF writes tied heads too; harmless and lets strict loaders pass
         state["lm_head.weight"] = state["shared.weight"]
     save_tensors(folder / "model.safetensors", {k: v.clone() for k, v in state.items()}, {"format": "pt"})
+
+
+def to_hf(model: T5):
+    """The same model as a transformers T5ForConditionalGeneration (weights copied, eval mode, float32 on the
+    CPU): the oracle that tests and benchmarks compare against, and a way out to the HF stack."""
+    import transformers
+    hcfg = transformers.T5Config(**{k: v for k, v in model.cfg.to_hf().items() if k != "architectures"})
+    hf = transformers.T5ForConditionalGeneration(hcfg)
+    state = {k: v.detach().float().cpu() for k, v in model.state_dict().items() if k != "lm_head.weight"}
+    hf.load_state_dict(state, strict=False)  # its embed_tokens copies follow `shared`
+    if model.lm_head is not None:  # HF ties head and `shared` unless told otherwise
+        hf.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach().float().cpu().clone())
+    return hf.eval()

@@ -1,6 +1,5 @@
 """AdapterHub folders served with the `adapters` library's exact semantics (fixtures made by that library,
 see tests/fixtures/make_adapterhub.py), alone and in mixed batches with HF PEFT users."""
-import copy
 import json
 import shutil
 from pathlib import Path
@@ -9,6 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from helpers import tol
 from peft_users import peft_model
 from peftu_kernels import load_pretrained
 from peftu_kernels.generate import greedy
@@ -18,7 +18,7 @@ from peftu_kernels.tenancy.hf_peft import import_peft
 
 FIX = Path(__file__).parent / "fixtures" / "adapterhub"
 NAMES = ["houlsby", "pfeiffer", "ia3", "lora", "prefix_mlp", "prefix_flat"]
-TOL = dict(rtol=5e-4, atol=5e-4)
+TOL = tol(torch.float32, "fixture")
 
 
 @pytest.fixture(scope="module")

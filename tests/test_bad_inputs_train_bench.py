@@ -4,7 +4,6 @@ import json
 import shutil
 
 import pytest
-import torch
 
 from helpers import hf_twin
 from peft_users import PEFT_CFG

@@ -10,7 +10,6 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 
 from bench_suite.data.core import data_root
 from peftu_kernels.tenancy import load_user

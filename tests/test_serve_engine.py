@@ -6,6 +6,8 @@ import random
 
 import pytest
 import torch
+
+from helpers import tol
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -35,7 +37,7 @@ def check(req, oracle):
     assert req.error is None, (req.user, req.error)
     if req.labels is not None:
         torch.testing.assert_close(torch.tensor(req.scores), oracle.scores(req.user, req.input_ids, req.labels),
-                                   rtol=1e-5, atol=1e-5, msg=lambda m: f"user {req.user}: {m}")
+                                   **tol(), msg=lambda m: f"user {req.user}: {m}")
     else:
         assert req.tokens == oracle.tokens(req.user, req.input_ids, req.max_new_tokens), req.user
 

@@ -3,6 +3,10 @@
 Backends: "reference" (plain PyTorch, defines every op, the CPU path), "triton" and "cuda" (fast kernels,
 registered by their packages when importable). "auto" picks the fastest available for the tensors' device.
 Choose with the `backend=` argument of the engine or the PEFTU_BACKEND environment variable.
+
+The set of ops is open: an op file registers its reference (`register("reference", {...})`) when imported
+(a method file imports the ops it uses), and a backend may implement any registered op; the others fall back
+to the reference.
 """
 from __future__ import annotations
 
@@ -10,15 +14,22 @@ import os
 
 from . import reference
 
-OPS = ("lora", "ia3_scale", "adapter", "prompt_prepend", "prefix_gather")
-_BACKENDS: dict[str, dict] = {"reference": {name: getattr(reference, name) for name in OPS}}
+_BACKENDS: dict[str, dict] = {"reference": {name: getattr(reference, name) for name in
+                                             ("lora", "ia3_scale", "adapter", "prompt_prepend", "prefix_gather")}}
 _LOADERS = {"triton": "peftu_kernels.triton", "cuda": "peftu_kernels.cuda"}
 
 
+def names() -> tuple[str, ...]:
+    """Every op with a reference (those a backend may implement)."""
+    return tuple(_BACKENDS["reference"])
+
+
 def register(backend: str, table: dict) -> None:
-    unknown = set(table) - set(OPS)
-    if unknown:
-        raise ValueError(f"backend {backend!r} registers unknown ops {sorted(unknown)}")
+    """Register ops of `backend`; a backend's op needs a reference (registered first) that defines it."""
+    if backend != "reference":
+        unknown = set(table) - set(_BACKENDS["reference"])
+        if unknown:
+            raise ValueError(f"backend {backend!r} registers ops {sorted(unknown)} that have no reference")
     _BACKENDS.setdefault(backend, {}).update(table)
 
 
@@ -48,4 +59,7 @@ def resolve(backend: str | None = None, device_type: str = "cpu") -> str:
 
 def get(name: str, backend: str = "reference"):
     """The op `name` of `backend`, falling back to the reference where the backend does not implement it."""
-    return _load(backend).get(name) or _BACKENDS["reference"][name]
+    fn = _load(backend).get(name) or _BACKENDS["reference"].get(name)
+    if fn is None:
+        raise KeyError(f"op {name!r} is not registered (known: {names()}); is the file that defines it imported?")
+    return fn

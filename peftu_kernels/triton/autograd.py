@@ -110,3 +110,6 @@ def ia3_scale(x, vec, slots, seg=None):
     if _needs_grad(x, vec):
         return _IA3.apply(x, vec, slots, seg if seg is not None else make_segments(slots))
     return _ia3.ia3_into(torch.empty_like(x), x, vec, slots)
+
+
+OPS = {"lora": lora, "adapter": adapter, "ia3_scale": ia3_scale}
