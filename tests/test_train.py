@@ -68,6 +68,8 @@ def train_alone(model, method, user, train, cfg):
         order = torch.randperm(len(train), generator=user_generator(f"{user}/epoch{epoch}", cfg.seed)).tolist()
         for i in range(0, len(train), cfg.batch_size):
             ids, mask, lab = collate([train[j] for j in order[i:i + cfg.batch_size]])
+            if method != "ptuning":
+                view.before_forward([user])  # DoRA: its column norms from the current weights
             s, n = token_losses(model, ids, mask, lab, hook([user] * len(ids)))
             (s.sum() / n.sum()).backward()
             torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)

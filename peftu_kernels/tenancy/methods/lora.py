@@ -110,19 +110,22 @@ class LoRA(Method):
         return UserModule(self.name, t, {"r": r, "alpha": hp["alpha"], "use_rslora": hp.get("use_rslora", False)})
 
     # --- HF PEFT -----------------------------------------------------------------------------------
-    unsupported = UNSUPPORTED
-    extra_parts = ()  # tensors beyond A and B a variant saves (DoRA's magnitude)
+    # a LoRA variant (a subclass) changes these: the PEFT tensor suffixes it reads (-> canonical part), the
+    # config flags that select it, and the options it leaves alone
+    peft_parts = {".lora_A.weight": "lora_A", ".lora_B.weight": "lora_B"}
+    peft_flags: dict = {}
+    harmless, unsupported = HARMLESS, UNSUPPORTED
 
     def claims_peft(self, cfg):
-        return not cfg.get("use_dora")
+        return all(bool(cfg.get(k)) == bool(v) for k, v in {"use_dora": False, **self.peft_flags}.items())
 
     def from_peft(self, folder, cfg, w, model):
         for k, ok in self.unsupported.items():
-            if cfg.get(k, ok) not in (ok, None, [], {}):
+            if k not in self.peft_flags and cfg.get(k, ok) not in (ok, None, [], {}):
                 fm.bad(folder, f"LoRA option {k}={cfg[k]!r} is not supported")
         if cfg.get("rank_pattern") or cfg.get("alpha_pattern"):
             fm.bad(folder, "LoRA rank_pattern / alpha_pattern are not supported (one rank and alpha per user)")
-        unknown = {k: v for k, v in cfg.items() if k not in HARMLESS and k not in self.unsupported
+        unknown = {k: v for k, v in cfg.items() if k not in self.harmless and k not in self.unsupported
                    and v not in (None, False, [], {}, "")}
         if unknown:
             fm.bad(folder, f"LoRA option(s) {unknown} are not supported")
@@ -135,19 +138,18 @@ class LoRA(Method):
         if not isinstance(alpha, (int, float)) or isinstance(alpha, bool):
             fm.bad(folder, f"lora_alpha must be a number, got {alpha!r}")
         targets = cfg.get("target_modules")
-        parts = {".lora_A.weight": "lora_A", ".lora_B.weight": "lora_B", **{f".{p}": p for p in self.extra_parts}}
         t = {}
         for k, v in w.items():
-            suf = next((x for x in parts if k.endswith(x)), None)
+            suf = next((x for x in self.peft_parts if k.endswith(x)), None)
             if suf is None:
-                extra = "".join(f" or {p}" for p in self.extra_parts)
+                extra = "".join(f" or {p[1:]}" for p in list(self.peft_parts)[2:])
                 fm.bad(folder, f"tensor {k!r} is not a LoRA A/B weight{extra} (LoRA variants that save other "
                                f"tensors, such as KaSA or BD-LoRA, are not supported)")
             site = fm.peft_site(folder, k, suf)
             if isinstance(targets, (str, list)) and not fm.targeted(site, targets):
                 fm.bad(folder, f"tensor {k!r} is for {site!r}, which target_modules={targets!r} does not name "
                                f"(PEFT refuses this folder too)")
-            t[f"{site}.{parts[suf]}"] = v
+            t[f"{site}.{self.peft_parts[suf]}"] = v
         return UserModule(self.name, t, {"r": r, "alpha": alpha, "use_rslora": bool(cfg.get("use_rslora"))})
 
     def to_peft(self, mod, model):
@@ -155,12 +157,9 @@ class LoRA(Method):
         cfg = {**fm.peft_base_config(), "peft_type": "LORA", "r": mod.config["r"],
                "lora_alpha": mod.config.get("alpha", mod.config["r"]), "use_rslora": mod.config.get("use_rslora", False),
                "target_modules": targets, "lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": False,
-               "init_lora_weights": True}
-        w = {}
-        for k, v in mod.tensors.items():
-            site, part = split_key(k)
-            w[f"{fm.PEFT_PREFIX}{site}.{part}" + (".weight" if part in ("lora_A", "lora_B") else "")] = v
-        return cfg, w
+               "init_lora_weights": True, **self.peft_flags}
+        suffix = {part: suf for suf, part in self.peft_parts.items()}
+        return cfg, {f"{fm.PEFT_PREFIX}{split_key(k)[0]}{suffix[split_key(k)[1]]}": v for k, v in mod.tensors.items()}
 
     # --- AdapterHub --------------------------------------------------------------------------------
     def claims_adapterhub(self, cfg):
