@@ -18,7 +18,9 @@ def peft_model(hf, config, seed):
     m = peft.get_peft_model(copy.deepcopy(hf), config)
     with torch.no_grad():  # PEFT initialises LoRA B to 0 and IA3 to 1: make every adapter change the output
         for n, p in m.named_parameters():
-            if "lora_" in n:
+            if "lora_magnitude_vector" in n:  # DoRA: around the row norms it starts at, so both parts matter
+                p.mul_(1 + torch.randn_like(p) * 0.3)
+            elif "lora_" in n:
                 p.copy_(torch.randn_like(p) * 0.15)
             elif "ia3_l" in n:
                 p.copy_(1 + torch.randn_like(p) * 0.3)
@@ -34,6 +36,9 @@ def peft_configs():
         "lora_qv_r4": peft.LoraConfig(task_type=S, r=4, lora_alpha=8, target_modules=["q", "v"]),
         "lora_all_r7": peft.LoraConfig(task_type=S, r=7, lora_alpha=5, target_modules=["q", "k", "v", "o", "wi_0", "wi_1", "wo"]),
         "lora_rs_r1": peft.LoraConfig(task_type=S, r=1, lora_alpha=3, use_rslora=True, target_modules=["k", "wo"]),
+        "dora_qv_r3": peft.LoraConfig(task_type=S, r=3, lora_alpha=6, use_dora=True, target_modules=["q", "v", "wo"]),
+        "dora_all_r5": peft.LoraConfig(task_type=S, r=5, lora_alpha=4, use_dora=True, use_rslora=True,
+                                       target_modules=["q", "k", "v", "o", "wi_0", "wi_1", "wo"]),
         "ia3": peft.IA3Config(task_type=S),
         "prompt": peft.PromptTuningConfig(task_type=S, num_virtual_tokens=5),
         "ptuning": peft.PromptEncoderConfig(task_type=S, num_virtual_tokens=3, encoder_hidden_size=16),

@@ -15,7 +15,7 @@ from tenancy_users import KINDS, make
 
 # (user id, kind, seed, on-disk format)
 USERS = [(f"{k}-{i}", k, 10 * j + i, fmt) for j, k in enumerate(KINDS) for i in range(2)
-         for fmt in [{"lora": "peft", "ia3": "peft", "prompt": "peft", "ptuning": "peft", "houlsby": "adapterhub",
+         for fmt in [{"lora": "peft", "ia3": "peft", "prompt": "peft", "ptuning": "peft", "dora": "peft", "houlsby": "adapterhub",
                       "pfeiffer": "adapterhub"}.get(k, "peftu")]]
 
 

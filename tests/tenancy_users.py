@@ -6,7 +6,7 @@ import torch
 from peft_users import adapter_module
 from peftu_kernels.tenancy import UserModule
 
-KINDS = ("lora", "ia3", "houlsby", "pfeiffer", "prompt", "ptuning", "prefix", "prefix_ah", "lora+prompt")
+KINDS = ("lora", "ia3", "houlsby", "pfeiffer", "prompt", "ptuning", "prefix", "prefix_ah", "lora+prompt", "dora")
 
 
 def _prefix(cfg, seed, P, stacks, semantics):
@@ -47,6 +47,12 @@ def make(cfg, kind: str, seed: int) -> list[UserModule]:
         return [_prefix(cfg, seed, 1 + seed % 3, ("decoder",), "peft")]
     if kind == "prefix_ah":
         return [_prefix(cfg, seed, 1 + seed % 3, ("encoder", "cross"), "adapterhub")]
+    if kind == "dora":  # LoRA's tensors plus a magnitude per output feature, on sites of another shape
+        mod = make(cfg, "lora", seed)[0]
+        for s in mod.sites():
+            out = mod.tensors[s + ".lora_B"].shape[0]
+            mod.tensors[s + ".magnitude"] = 0.5 + torch.rand(out, generator=g) * 3
+        return [UserModule("dora", mod.tensors, mod.config)]
     if kind == "lora+prompt":
         return make(cfg, "lora", seed) + make(cfg, "prompt", seed + 1)
     raise ValueError(kind)

@@ -137,7 +137,7 @@ BAD = {
     "prompt width": lambda c: UserModule("prompt", {"prompt": torch.randn(4, c.d_model + 1)}),
     "adapter site": lambda c: adapter_module(c, "houlsby", 3, "relu", 0, sites=["encoder.block.9.layer.0"]),
     "activation": lambda c: UserModule("pfeiffer", adapter_module(c, "pfeiffer", 3, "relu", 0).tensors, {"act": "?"}),
-    "method": lambda c: UserModule("dora", {"x": torch.ones(1)}),
+    "method": lambda c: UserModule("no-such-method", {"x": torch.ones(1)}),
 }
 MESSAGES = {"unknown target": "does not exist", "rank mismatch": "do not fit", "nan": "NaN", "int dtype": "floating",
             "ia3 shape": "shape", "prompt width": "d_model", "adapter site": "not a sub-layer",
@@ -183,10 +183,13 @@ def test_unsupported_peft_folders(model, tmp_path):
     import json
     from peftu_kernels.io import save_tensors
     d = tmp_path / "dora"
-    save_tensors(d / "adapter_model.safetensors", {"base_model.model.encoder.block.0.layer.0.SelfAttention.q.lora_A.weight": torch.ones(2, 36)})
+    q = "base_model.model.encoder.block.0.layer.0.SelfAttention.q"
+    save_tensors(d / "adapter_model.safetensors", {q + ".lora_A.weight": torch.ones(2, 36),
+                                                   q + ".lora_B.weight": torch.ones(36, 2)})
     (d / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 2, "use_dora": True, "task_type": "SEQ_2_SEQ_LM"}))
-    with pytest.raises(ValueError, match="use_dora"):
+    with pytest.raises(ValueError, match="DoRA needs magnitude"):  # a DoRA folder without its magnitudes
         import_peft(d, model)
+    save_tensors(d / "adapter_model.safetensors", {q + ".lora_A.weight": torch.ones(2, 36)})
     (d / "adapter_config.json").write_text(json.dumps({"peft_type": "LOHA", "task_type": "SEQ_2_SEQ_LM"}))
     with pytest.raises(ValueError, match="LOHA"):
         import_peft(d, model)

@@ -73,7 +73,7 @@ PEFT_CASES = {
     "target regex disagrees": ("lora", lambda d: _set(d, target_modules=r".*\.k"), "target_modules"),
     "bd-lora": ("lora", lambda d: _set(d, use_bdlora={"nblocks": 2}), "use_bdlora"),
     "kasa": ("lora", lambda d: _set(d, kasa_config={"x": 1}), "kasa_config"),
-    "dora": ("lora", lambda d: _set(d, use_dora=True), "use_dora"),
+    "dora without magnitudes": ("lora", lambda d: _set(d, use_dora=True), "DoRA needs magnitude"),
     "unknown option": ("lora", lambda d: _set(d, shiny_new_config={"on": True}), "shiny_new_config"),
     "pissa init": ("lora", lambda d: _set(d, init_lora_weights="pissa"), "rewrites the base weights"),
     "extra tensor": ("lora", lambda d: _extra_tensor(d, ".lora_diag.weight"), "not a LoRA A/B weight"),
