@@ -25,11 +25,29 @@ class Segments:
     rows: torch.Tensor | None = None
     single: int = -1
     n_active: int = -1  # -1: the facts above are unknown (a hand-built Segments); ops then find them
+    tile_rows: torch.Tensor | None = None  # (T, TILE) each segment's rows cut into tiles of TILE, -1 padded
+    tile_slot: torch.Tensor | None = None  # (T,) the slot of each tile (decode kernels: one program per tile)
 
     def to(self, device) -> "Segments":
         mv = lambda t: None if t is None else t.to(device)  # noqa: E731
         return Segments(self.order.to(device), self.starts.to(device), self.slot.to(device), self.group,
-                        mv(self.rows), self.single, self.n_active)
+                        mv(self.rows), self.single, self.n_active, mv(self.tile_rows), mv(self.tile_slot))
+
+
+TILE = 16  # rows of one user a decode program serves together (SGMV); 16 is tl.dot's smallest M
+
+
+def _tiles(order, starts, slot, tile: int = TILE):
+    """Each segment's sorted rows cut into tiles of `tile` rows (the last one -1 padded), on the host."""
+    counts = starts[1:] - starts[:-1]
+    n = (counts + tile - 1) // tile
+    seg = torch.repeat_interleave(torch.arange(counts.numel()), n)
+    first_tile = torch.cumsum(n, 0) - n
+    start = starts[seg] + (torch.arange(seg.numel()) - first_tile[seg]) * tile
+    idx = start[:, None] + torch.arange(tile)[None, :]
+    valid = idx < starts[seg + 1][:, None]
+    rows = torch.where(valid, order[idx.clamp(max=max(order.numel() - 1, 0))] if order.numel() else idx, -1)
+    return rows, slot[seg]
 
 
 def make_segments(slots: torch.Tensor) -> Segments:
@@ -45,5 +63,6 @@ def make_segments(slots: torch.Tensor) -> Segments:
     grouped = counts.numel() > 1 and every and bool((counts == k).all()) and bool((order == torch.arange(n)).all())
     rows = None if every else torch.sort(order).values
     single = int(uniq[0]) if every and uniq.numel() == 1 else -1
-    seg = Segments(order, starts, uniq, k if grouped else 0, rows, single, int(order.numel()))
+    tile_rows, tile_slot = _tiles(order, starts, uniq)
+    seg = Segments(order, starts, uniq, k if grouped else 0, rows, single, int(order.numel()), tile_rows, tile_slot)
     return seg.to(slots.device)

@@ -148,13 +148,14 @@ def _check(x, y, A, B, scale, slots):
         raise ValueError(f"lora: scale must be (S={A.shape[0]},), got {tuple(scale.shape)}")
 
 
-def shrink(x, W, slots, rank, scale=None, R=None) -> torch.Tensor:
-    """h (B, L, R) fp32 = (scale *) x @ W[s, :r].T, with W addressed as (S, R, K) through its strides."""
+def shrink(x, W, slots, rank, scale=None, R=None, zero: bool = True) -> torch.Tensor:
+    """h (B, L, R) fp32 = (scale *) x @ W[s, :r].T, with W addressed as (S, R, K) through its strides.
+    Rows without a slot are zeros, or (zero=False, for a caller that never reads them) left unwritten."""
     Bn, L, K = x.shape
     R = W.shape[1] if R is None else R
     slots, rank = slots.contiguous(), rank.contiguous()
     scale = scale.contiguous() if scale is not None else None
-    h = torch.zeros(Bn, L, R, device=x.device, dtype=torch.float32)
+    h = (torch.zeros if zero else torch.empty)(Bn, L, R, device=x.device, dtype=torch.float32)
     c = _cfg(L, R)
     grid = (Bn, triton.cdiv(L, c["BLOCK_M"]))
     _lora_shrink_kernel[grid](x, W, h, slots, rank, scale if scale is not None else rank, W.shape[0], L, K, R,
@@ -189,7 +190,7 @@ def lora_(y, x, A, B, scale, slots, rank=None, fused: bool | None = None) -> tor
     if fused is None:
         fused = R <= 32
     if not fused:
-        return expand_(y, shrink(x, A, slots, rank), B, slots, rank, scale)
+        return expand_(y, shrink(x, A, slots, rank, zero=False), B, slots, rank, scale)  # expand skips those rows
     Bn, L, N = y.shape
     c = _cfg(L, R)
     grid = (Bn, triton.cdiv(L, c["BLOCK_M"]))

@@ -1,0 +1,75 @@
+"""Launch configs: a heuristic per op and shape, overridden by autotuned entries cached per GPU name.
+
+`python -m benchmarks.ops --autotune` times each candidate on the card it runs on and writes
+`tuned/<gpu name>.json` beside this file (commit it: the next run on that kind of card reads it). Keys bucket
+the sizes that matter (rows to a power of two, K / N / R exact), so a decode step of 48 rows uses the entry
+tuned for 64. Under the interpreter every config is the smallest one (a correctness run, not a speed).
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+from functools import lru_cache
+from pathlib import Path
+
+import triton
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+TUNED = Path(__file__).parent / "tuned"
+SMS_DEFAULT = 132  # H100 / H200; the real count is read from the device when there is one
+
+
+def sm_count(device=None) -> int:
+    try:
+        import torch
+        if torch.cuda.is_available():
+            return torch.cuda.get_device_properties(device or 0).multi_processor_count
+    except (RuntimeError, AssertionError):
+        pass
+    return SMS_DEFAULT
+
+
+def gpu_file(name: str) -> Path:
+    return TUNED / (re.sub(r"[^A-Za-z0-9]+", "_", name).strip("_").lower() + ".json")
+
+
+@lru_cache(maxsize=None)
+def _tuned(name: str) -> dict:
+    f = gpu_file(name)
+    return json.loads(f.read_text()) if f.is_file() else {}
+
+
+def key(op: str, rows: int, K: int, N: int, R: int, grouped: bool) -> str:
+    return f"{op}:rows{triton.next_power_of_2(max(rows, 1))}:K{K}:N{N}:R{R}:{'sgmv' if grouped else 'bgmv'}"
+
+
+def decode_config(rows: int, n_segments: int, K: int, N: int, R: int, gpu: str | None = None, sms: int | None = None):
+    """Decode-shaped LoRA (one token per row): SGMV tiles when users repeat (rows of a user share one read of
+    its A and B), BGMV (a program per row) when every row differs; split K (shrink) and N (expand) until the
+    grid has about two programs per SM, because 8-64 programs leave most of a 132-SM card idle."""
+    grouped = rows >= 2 * max(n_segments, 1)
+    tiles = (n_segments * 2 if grouped else rows) or 1  # about two tiles of 16 per user when grouped
+    if INTERPRET:
+        return dict(grouped=grouped, split_k=2 if K > 32 else 1, BLOCK_K=16, BLOCK_N=16, num_warps=1)
+    target = 2 * (sms or sm_count())
+    split_k = 1
+    while tiles * split_k < target and K // (split_k * 2) >= 128:
+        split_k *= 2
+    bn = 128
+    while bn > 32 and tiles * triton.cdiv(N, bn) < target:
+        bn //= 2
+    cfg = dict(grouped=grouped, split_k=split_k, BLOCK_K=64 if K >= 64 else 32, BLOCK_N=bn, num_warps=4)
+    if gpu:
+        cfg.update(_tuned(gpu).get(key("lora_decode", rows, K, N, R, grouped), {}))
+    return cfg
+
+
+def save_tuned(gpu: str, entries: dict) -> Path:
+    """Merge `entries` (key -> config) into the GPU's file."""
+    f = gpu_file(gpu)
+    f.parent.mkdir(parents=True, exist_ok=True)
+    old = json.loads(f.read_text()) if f.is_file() else {}
+    f.write_text(json.dumps({**old, **entries}, indent=1, sort_keys=True) + "\n")
+    _tuned.cache_clear()
+    return f
