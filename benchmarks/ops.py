@@ -13,6 +13,7 @@ import math
 
 import torch
 
+from benchmarks import roofline
 from benchmarks.common import environment, table, timeit, write_jsonl
 from peftu_kernels import ops
 from peftu_kernels.config import T5Config
@@ -59,8 +60,11 @@ def main(argv=None):
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--check", action="store_true", help="verify every contender against the reference first")
     ap.add_argument("--quick", action="store_true", help="a few points only")
+    ap.add_argument("--roofline", action="store_true", help="the roofline report of every op (benchmarks/roofline.py)")
     ap.add_argument("--out", default="results/ops.jsonl")
     a = ap.parse_args(argv)
+    if a.roofline:
+        return roofline.main(["--device", a.device] + (["--quick"] if a.quick else []))
     dev = torch.device(a.device)
     dt = torch.bfloat16 if dev.type == "cuda" else torch.float32
     backends = ["reference"] + (["triton"] if dev.type == "cuda" else [])
@@ -93,9 +97,8 @@ def main(argv=None):
                     for k, f in fns.items():
                         torch.testing.assert_close(f().float(), ref, rtol=3e-2, atol=3e-2)
                 row = {"bench": "ops.lora", "shape": shape, "B": B, "L": L, "r": r, "pop": pop}
-                n_slots = int(slots.unique().numel())
-                bytes_moved = (2 * x.numel() + y.numel()) * x.element_size() + n_slots * 2 * r * D * A.element_size()
-                flops = 2 * B * L * r * 2 * D
+                c = roofline.cost("lora", B * L, D, int(slots.unique().numel()), x.element_size(), r=r)
+                bytes_moved, flops = c["bytes"], c["flops"]
                 with torch.inference_mode():
                     for k, f in fns.items():
                         ms = timeit(f, dev)["ms"]
