@@ -30,7 +30,12 @@ def dora_norm(W, A, B, scale):
 def dora(y, x, A, B, scale, gain, slots, rank=None, seg=None):
     """Semantics: `gain[s] * (y[b] + scale[s] * (x[b] @ A[s].T) @ B[s].T)` with s = slots[b]; rows with s < 0
     unchanged. y is the base output W x (B, L, out); gain (S, out) = magnitude / column norm."""
-    return ia3_scale(lora(y, x, A, B, scale, slots, rank, seg), gain, slots, seg)
+    z = lora(y, x, A, B, scale, slots, rank, seg)
+    if z is y:  # no row has a DoRA user: nothing to scale (and y is the caller's)
+        return ia3_scale(z, gain, slots, seg)
+    on = (slots >= 0)[:, None]
+    g = torch.where(on, gain[slots.clamp(min=0)].to(z.dtype), torch.ones((), dtype=z.dtype, device=z.device))
+    return z.mul_(g[:, None, :])  # in place on lora's fresh output: one allocation of (B, L, out) less
 
 
 register("reference", {"dora": dora, "dora_norm": dora_norm})
