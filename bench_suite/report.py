@@ -18,10 +18,6 @@ def write_jsonl(path: Path, rows: list[dict], env: dict) -> None:
             f.write(json.dumps({**r, "env": env}) + "\n")
 
 
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(x) for x in open(path) if x.strip()]
-
-
 def _fmt(v, nd=1):
     return "" if v is None else (f"{v:.{nd}f}" if isinstance(v, float) else str(v))
 

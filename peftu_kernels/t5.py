@@ -229,9 +229,16 @@ class T5(nn.Module):
         self.encoder = Stack(cfg, cfg.num_layers, decoder=False)
         self.decoder = Stack(cfg, cfg.n_dec_layers, decoder=True)
         self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.input_groups: dict[str, tuple[str, ...]] = {}  # site -> the linears that always get its input tensor
         for name, m in self.named_modules():
             if isinstance(m, (Linear, Attention, SubLayer)):
                 m.site = name
+            grp = ()
+            if isinstance(m, Attention):  # self-attention: q, k, v of x; cross-attention: k, v of the encoder
+                grp = tuple(f"{name}.{p}" for p in ("qkv" if name.endswith("SelfAttention") else "kv"))
+            elif isinstance(m, FeedForward) and m.gated:
+                grp = (f"{name}.wi_0", f"{name}.wi_1")
+            self.input_groups.update({s: grp for s in grp})
 
     # --- encoder -----------------------------------------------------------------------------------
     def encode(self, input_ids, attention_mask=None, peft=None):

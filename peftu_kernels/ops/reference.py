@@ -33,18 +33,52 @@ def _by_user(t, seg):
     return t.reshape(seg.slot.numel(), -1, t.shape[-1])
 
 
-def lora_shrink(x, A, scale, slots):
+def _shrink_rows(x, A, scale, slots):
     """h[b] = scale[s] * x[b] @ A[s].T in fp32 -> (n_active, L, r); A (S, r, D_in). Scaling the narrow
-    intermediate costs T*r instead of T*D_out."""
-    return torch.bmm(x.float(), A[slots].float().transpose(1, 2)) * scale[slots].float()[:, None, None]
+    intermediate costs T*r instead of T*D_out. scale None: 1."""
+    h = torch.bmm(x.float(), A[slots].float().transpose(1, 2))
+    return h if scale is None else h * scale[slots].float()[:, None, None]
 
 
-def lora_expand(y, h, B, rows, slots):
+def _expand_rows(y, h, B, rows, slots):
     """y[b] += h[b] @ B[s].T for the active rows; B (S, D_out, r). Returns a new tensor."""
     Bt = B[slots].float().transpose(1, 2)
     if rows is None:
         return torch.baddbmm(y.float(), h, Bt).to(y.dtype)  # one pass over y
     return y.index_add(0, rows, torch.bmm(h, Bt).to(y.dtype))
+
+
+def lora_shrink(x, A, scale, slots, rank=None, seg=None):
+    """LoRA's first half. Semantics: `h[b] = scale[s] * x[b] @ A[s].T` (B, L, R) fp32 (scale None: 1); rows with
+    s < 0 are not defined (lora_expand never reads them; here zeros). Sites that share an input (q, k, v) run
+    it once on their A's stacked along R."""
+    rows, s, u = _active(slots, seg)
+    if u >= 0:  # one user: a plain matmul
+        h = x.float() @ A[u].float().T
+        return h if scale is None else h * scale[u].float()
+    if seg is not None and seg.group:  # k rows per user in slot order: one matmul per user
+        h = torch.bmm(_by_user(x.float(), seg), A[seg.slot].float().transpose(1, 2))
+        h = h if scale is None else h * scale[seg.slot].float()[:, None, None]
+        return h.view(*x.shape[:2], A.shape[1])
+    h = torch.zeros(*x.shape[:2], A.shape[1], dtype=torch.float32, device=x.device)
+    if _none_active(rows, seg):
+        return h
+    hs = _shrink_rows(x if rows is None else x[rows], A, scale, s)
+    return hs if rows is None else h.index_copy(0, rows, hs)
+
+
+def lora_expand(y, h, B, slots, rank=None, seg=None):
+    """LoRA's second half. Semantics: `y[b] + h[b] @ B[s].T` (h fp32 from lora_shrink, B (S, N, R)); rows with
+    s < 0 unchanged."""
+    rows, s, u = _active(slots, seg)
+    if _none_active(rows, seg):
+        return y
+    if u >= 0:
+        return torch.addmm(y.float().flatten(0, -2), h.flatten(0, -2), B[u].float().T).view(y.shape).to(y.dtype)
+    if seg is not None and seg.group:
+        out = torch.baddbmm(_by_user(y.float(), seg), _by_user(h, seg), B[seg.slot].float().transpose(1, 2))
+        return out.view(y.shape).to(y.dtype)
+    return _expand_rows(y, h if rows is None else h[rows], B, rows, s)
 
 
 def lora(y, x, A, B, scale, slots, rank=None, seg=None):
@@ -61,7 +95,7 @@ def lora(y, x, A, B, scale, slots, rank=None, seg=None):
         h = torch.bmm(_by_user(x.float(), seg), A[u].float().transpose(1, 2)) * scale[u].float()[:, None, None]
         return torch.baddbmm(_by_user(y.float(), seg), h, B[u].float().transpose(1, 2)).view(y.shape).to(y.dtype)
     xs = x if rows is None else x[rows]
-    return lora_expand(y, lora_shrink(xs, A, scale, s), B, rows, s)
+    return _expand_rows(y, _shrink_rows(xs, A, scale, s), B, rows, s)
 
 
 def ia3_scale(x, vec, slots, seg=None):

@@ -257,6 +257,7 @@ class PeftBatch:
         self.plans = {}
         for b in banks:
             self.plans[b.key] = b.plan(self)
+        self.scratch: dict = {}  # what a bank keeps between sites of one forward (LoRA: q, k, v's shared shrink)
 
     def check(self, rows: int) -> None:
         """Called by the model's entry points: the input must have this handle's rows, and every user of the

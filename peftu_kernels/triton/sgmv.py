@@ -105,37 +105,55 @@ def _partials(split: int, rows: int, R: int, device) -> torch.Tensor:
     return torch.empty(split, rows, R, device=device, dtype=torch.float32)  # every element read is written first
 
 
-def _launch(y, x, A, B, scale, slots, rank, seg, cfg, adapter=None):
-    """shrink + expand over the batch's tiles; adapter = (down_bias, up_bias, act) for a bottleneck."""
-    S, R, K = A.shape
-    Bn, _, N = y.shape
-    n_seg = int(seg.slot.numel())
-    cfg = cfg or decode_config(seg.n_active, n_seg, K, N, R, torch.cuda.get_device_name(y.device)
-                               if y.is_cuda else None)
+def _tiles(seg, cfg):
     if cfg["grouped"]:
-        rows, tslot, BR = seg.tile_rows, seg.tile_slot, seg.tile_rows.shape[1]
-    else:  # BGMV: one program per active row
-        rows, tslot, BR = seg.order[:, None], seg.slot.repeat_interleave(seg.starts.diff(), output_size=seg.n_active), 1
+        return seg.tile_rows.contiguous(), seg.tile_slot.contiguous(), seg.tile_rows.shape[1]
+    # BGMV: one program per active row
+    return seg.order[:, None].contiguous(), seg.slot.repeat_interleave(seg.starts.diff(), output_size=seg.n_active), 1
+
+
+def _config(x, A, N, seg, cfg):
+    S, R, K = A.shape
+    return cfg or decode_config(seg.n_active, int(seg.slot.numel()), K, N, R, torch.cuda.get_device_name(x.device)
+                                if x.is_cuda else None)
+
+
+def shrink(x, A, scale, slots, rank, seg, cfg) -> torch.Tensor:
+    """Partial h (split, B, R) fp32 of the active rows (others unwritten): sum over the first dim."""
+    S, R, K = A.shape
+    rows, tslot, BR = _tiles(seg, cfg)
     split = cfg["split_k"]
     kchunk = triton.cdiv(triton.cdiv(K, split), cfg["BLOCK_K"]) * cfg["BLOCK_K"]
     split = triton.cdiv(K, kchunk)
-    hp = _partials(split, Bn, R, x.device)
-    x2, y2 = x[:, 0], y[:, 0]
-    T = rows.shape[0]
-    rows, tslot = rows.contiguous(), tslot.contiguous()
-    ieee, br = x.dtype == torch.float32, _block_r(R)
-    slots, rank = slots.contiguous(), rank.contiguous()
+    hp = _partials(split, x.shape[0], R, x.device)
+    x2 = x[:, 0]
     scale = scale.float().contiguous() if scale is not None else None
+    _sgmv_shrink_kernel[(rows.shape[0], split)](
+        x2, A, hp, rows, tslot, rank.contiguous(), scale if scale is not None else rank, S, K, R, kchunk, *x2.stride(),
+        *A.stride(), *hp.stride(), IEEE=x.dtype == torch.float32, BR=BR, BLOCK_R=_block_r(R), BLOCK_K=cfg["BLOCK_K"],
+        HAS_SCALE=scale is not None, num_warps=1 if INTERPRET else cfg["num_warps"])
+    return hp
+
+
+def expand_(y, hp, B, slots, rank, seg, cfg, adapter=None) -> torch.Tensor:
+    """y (B, 1, N) += (sum over hp's first dim) @ B[s].T for the active rows, in place; adapter = (down_bias,
+    up_bias, act) applies act(h + down_bias) first and adds up_bias."""
+    S, N, R = B.shape
+    rows, tslot, BR = _tiles(seg, cfg)
+    y2 = y[:, 0]
     db, ub, act = adapter if adapter is not None else (rank, rank, "identity")
-    warps = 1 if INTERPRET else cfg["num_warps"]
-    _sgmv_shrink_kernel[(T, split)](x2, A, hp, rows, tslot, rank, scale if scale is not None else rank, S, K, R,
-                                    kchunk, *x2.stride(), *A.stride(), *hp.stride(), IEEE=ieee, BR=BR, BLOCK_R=br,
-                                    BLOCK_K=cfg["BLOCK_K"], HAS_SCALE=scale is not None, num_warps=warps)
-    _sgmv_expand_kernel[(T, triton.cdiv(N, cfg["BLOCK_N"]))](
-        hp, B, y2, rows, tslot, rank, db, ub, S, N, R, split, *hp.stride(), *B.stride(), *y2.stride(), db.stride(0),
-        ub.stride(0), IEEE=ieee, BR=BR, BLOCK_R=br, BLOCK_N=cfg["BLOCK_N"], ADAPTER=adapter is not None,
-        ACT=activations.code(act), num_warps=warps)
+    _sgmv_expand_kernel[(rows.shape[0], triton.cdiv(N, cfg["BLOCK_N"]))](
+        hp, B, y2, rows, tslot, rank.contiguous(), db, ub, S, N, R, hp.shape[0], *hp.stride(), *B.stride(),
+        *y2.stride(), db.stride(0), ub.stride(0), IEEE=y.dtype == torch.float32, BR=BR, BLOCK_R=_block_r(R),
+        BLOCK_N=cfg["BLOCK_N"], ADAPTER=adapter is not None, ACT=activations.code(act),
+        num_warps=1 if INTERPRET else cfg["num_warps"])
     return y
+
+
+def _launch(y, x, A, B, scale, slots, rank, seg, cfg, adapter=None):
+    """shrink + expand over the batch's tiles; adapter = (down_bias, up_bias, act) for a bottleneck."""
+    cfg = _config(x, A, y.shape[2], seg, cfg)
+    return expand_(y, shrink(x, A, scale, slots, rank, seg, cfg), B, slots, rank, seg, cfg, adapter)
 
 
 def _need_tiles(name, x, seg):

@@ -79,7 +79,8 @@ class Bank:
         return UserModule(like.method, {k: v.detach().clone().to(like.tensors[k].dtype) for k, v in t.items()},
                           dict(like.config))
 
-    def _read(self, slot, key, like_tensor, like) -> torch.Tensor:
+    def _read(self, slot: int, key: str, v: torch.Tensor, like: UserModule) -> torch.Tensor:
+        """The bank's view of tensor `key` (shaped like `v`, from module `like`) in `slot`."""
         raise NotImplementedError
 
     def trainable(self) -> list[torch.Tensor]:

@@ -66,7 +66,44 @@ class LoraBank(Bank):
         if g is None:
             return y
         slots, seg = self.slots_of(pb)
-        return pb.op["lora"](y, x, g["A"], g["B"], g["scale"], slots, rank=g["rank"], seg=seg)
+        group = self._group(site)
+        if group is None:
+            return pb.op["lora"](y, x, g["A"], g["B"], g["scale"], slots, rank=g["rank"], seg=seg)
+        # sites sharing this input (q, k, v): one shrink for all of them at the first, an expand per site
+        got = pb.scratch.get(self.key)
+        if got is None or got[0] != group or got[1] is not x:
+            A, offsets = self._stacked(group)
+            h = pb.op["lora_shrink"](x, A, None, slots, rank=None, seg=seg)
+            got = pb.scratch[self.key] = (group, x, h, offsets)
+        lo = got[3][site]
+        return pb.op["lora_expand"](y, got[2][..., lo:lo + g["A"].shape[1]], g["B"], slots, rank=g["rank"], seg=seg)
+
+    def _group(self, site):
+        """The model's sites that always get this site's input, when all are in this bank and it is serving
+        (not training: its A's then change every step, and the stacked copy would be stale)."""
+        group = getattr(self.model, "input_groups", {}).get(site)
+        if not group or len(group) < 2 or any(s not in self.sites for s in group):
+            return None
+        return None if self.sites[site]["A"].requires_grad else group
+
+    def _stacked(self, group):
+        """The group's A's, each times its scale, stacked along R (cached until a slot changes)."""
+        key = (group, tuple((self.sites[s]["A"].data_ptr(), self.sites[s]["A"]._version) for s in group))
+        if self._stack_key.get(group) != key:
+            parts, offsets, lo = [], {}, 0
+            for s in group:
+                g = self.sites[s]
+                parts.append(g["A"] * g["scale"][:, None, None].to(g["A"].dtype))
+                offsets[s], lo = lo, lo + g["A"].shape[1]
+            self._stack[group], self._stack_key[group] = (torch.cat(parts, 1), offsets), key
+        return self._stack[group]
+
+    def __init__(self, key, model, device, dtype):
+        super().__init__(key, model, device, dtype)
+        self._stack, self._stack_key = {}, {}
+
+    def nbytes(self):  # the stacked copies of grouped sites' A count too
+        return super().nbytes() + sum(a.numel() * a.element_size() for a, _ in self._stack.values())
 
 
 class LoRA(Method):
