@@ -13,9 +13,9 @@ __device__ __forceinline__ float act_fn(float z, int act) {
     case 2: return z / (1.f + __expf(-z));                                    // silu / swish
     case 3: return 0.5f * z * (1.f + erff(z * 0.70710678f));                  // gelu (erf)
     case 4: return 0.5f * z * (1.f + tanhf(0.7978845608f * (z + 0.044715f * z * z * z)));  // gelu_new
-    case 5: return tanhf(z);
+    case 5: return tanhf(z);                                                  // tanh
     case 6: return 1.f / (1.f + __expf(-z));                                  // sigmoid
-    default: return z;                                                        // identity
+    default: return z;                                                        // identity (0)
   }
 }
 
