@@ -103,3 +103,31 @@ def test_the_stacked_copy_follows_slot_changes(world):
         fresh.register("c", users["kv-wi"])
         want = model.encode(ids, None, fresh.batch(["a", "c"]))[0]
     assert_rel_close(got, want)
+
+
+def test_inference_mode_banks_and_training_in_between(world):
+    """Users registered under inference_mode (a serving stack's habit) fuse too; a bank trained between two
+    served batches serves its new weights, not the stacked copy of the old ones."""
+    cfg, model, users = world
+    ids = torch.randint(3, cfg.vocab_size, (2, 6), generator=torch.Generator().manual_seed(6))
+    with torch.inference_mode():
+        eng = Engine(model, backend="reference")
+        eng.register("a", users["all"])
+        first = model.encode(ids, None, eng.batch(["a", "a"]))[0]
+    eng2 = Engine(model, backend="reference")
+    eng2.register("a", users["all"])
+    with torch.no_grad():
+        before = model.encode(ids, None, eng2.batch(["a", "a"]))[0]  # stacked copy built here
+    assert_rel_close(first, before)
+    view = eng2.train_view(["a"])
+    with torch.no_grad():
+        for p in view.params:
+            p.mul_(1.5)  # what an optimiser step does: in place, through the trainable tensors
+    view.release()
+    with torch.no_grad():
+        after = model.encode(ids, None, eng2.batch(["a", "a"]))[0]
+        fresh = Engine(model, backend="reference")
+        fresh.register("a", view.read("a"))
+        want = model.encode(ids, None, fresh.batch(["a", "a"]))[0]
+    assert (after - before).abs().max() > 1e-3
+    assert_rel_close(after, want)

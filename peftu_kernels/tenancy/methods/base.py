@@ -43,11 +43,13 @@ class Bank:
         self.key, self.model, self.device, self.dtype = key, model, device, dtype
         self.slots = 0
         self.sites: dict[str, dict[str, torch.Tensor]] = {}
+        self.epoch = 0  # bumped by every change of a slot or the layout: caches derived from the bank key on it
 
     def grow(self, n: int, cap: int | None = None) -> None:
         """At least n slots; doubling amortises growth, and a known capacity caps it (no slack past it)."""
         if n <= self.slots:
             return
+        self.epoch += 1
         n = max(n, min(max(2 * self.slots, 4), cap or 1 << 62))
         for g in self.sites.values():
             for name, t in g.items():
@@ -69,6 +71,8 @@ class Bank:
         raise NotImplementedError
 
     def clear(self, slot: int) -> None:
+        """Neutral values in `slot` (every write starts here, so it also marks the bank changed)."""
+        self.epoch += 1
         for g in self.sites.values():
             for name, t in g.items():
                 t[slot] = self.fills.get(name, 0.0)
@@ -109,6 +113,7 @@ class TrainView:
     def __init__(self, bank: Bank, slots: dict[str, int], init: dict[str, UserModule]):
         self.bank, self.slot, self.init = bank, slots, init
         self.params = [t.requires_grad_(True) for t in bank.trainable()]
+        bank.epoch += 1  # its tensors will change under the optimiser
 
     @property
     def n_slots(self) -> int:
@@ -126,6 +131,7 @@ class TrainView:
     def release(self) -> None:
         for p in self.params:
             p.requires_grad_(False)
+        self.bank.epoch += 1
 
 
 class Method:

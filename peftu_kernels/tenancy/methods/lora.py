@@ -88,7 +88,7 @@ class LoraBank(Bank):
 
     def _stacked(self, group):
         """The group's A's, each times its scale, stacked along R (cached until a slot changes)."""
-        key = (group, tuple((self.sites[s]["A"].data_ptr(), self.sites[s]["A"]._version) for s in group))
+        key = (self.epoch, tuple(self.sites[s]["A"].data_ptr() for s in group))
         if self._stack_key.get(group) != key:
             parts, offsets, lo = [], {}, 0
             for s in group:
