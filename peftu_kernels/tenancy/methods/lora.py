@@ -42,6 +42,13 @@ class LoraBank(Bank):
     hooks = ("linear_out",)
     order = 20
 
+    def __init__(self, key, model, device, dtype):
+        super().__init__(key, model, device, dtype)
+        self._stack, self._stack_key = {}, {}
+
+    def nbytes(self):  # the stacked copies of grouped sites' A count too
+        return super().nbytes() + sum(a.numel() * a.element_size() for a, _ in self._stack.values())
+
     def write(self, slot: int, mod: UserModule) -> None:
         self.clear(slot)
         r, scale = mod.config["r"], lora_scale(mod.config)
@@ -88,6 +95,8 @@ class LoraBank(Bank):
 
     def _stacked(self, group):
         """The group's A's, each times its scale, stacked along R (cached until a slot changes)."""
+        for g in [g for g, k in self._stack_key.items() if k[0] != self.epoch]:  # stale: free them now
+            del self._stack[g], self._stack_key[g]
         key = (self.epoch, tuple(self.sites[s]["A"].data_ptr() for s in group))
         if self._stack_key.get(group) != key:
             parts, offsets, lo = [], {}, 0
@@ -98,12 +107,6 @@ class LoraBank(Bank):
             self._stack[group], self._stack_key[group] = (torch.cat(parts, 1), offsets), key
         return self._stack[group]
 
-    def __init__(self, key, model, device, dtype):
-        super().__init__(key, model, device, dtype)
-        self._stack, self._stack_key = {}, {}
-
-    def nbytes(self):  # the stacked copies of grouped sites' A count too
-        return super().nbytes() + sum(a.numel() * a.element_size() for a, _ in self._stack.values())
 
 
 class LoRA(Method):
