@@ -33,7 +33,7 @@ def world():
 
 def run(model, users, backend, rows, fused, monkeypatch, calls=None):
     if not fused:
-        monkeypatch.setattr(lora_file.LoraBank, "_group", lambda self, site: None)
+        monkeypatch.setattr(lora_file.LoraBank, "fuses", lambda self, site: None)
     eng = Engine(model, backend=backend)
     for u, m in users.items():
         eng.register(u, m)
@@ -53,11 +53,17 @@ def test_fused_sites_equal_site_by_site(world, backend, monkeypatch):
         pytest.importorskip("triton", reason="triton is not installed")
     cfg, model, users = world
     rows = ["all", "qv", None, "kv-wi", "all", "all-r1"] if backend == "reference" else ["all", None, "kv-wi", "all"]
-    shrinks = []
+    shrinks, launches = [], []
     real = lora_file.LoraBank._stacked
     monkeypatch.setattr(lora_file.LoraBank, "_stacked", lambda self, g: shrinks.append(g) or real(self, g))
+    if backend == "triton":  # decode steps: the group's expands in one launch
+        from peftu_kernels.triton import sgmv_group
+        kern = sgmv_group._expand_group_kernel
+        monkeypatch.setattr(sgmv_group, "_expand_group_kernel", type("K", (), {"__getitem__": lambda self, grid: (
+            launches.append(grid), kern[grid])[1]})())
     fused = run(model, users, backend, rows, True, monkeypatch)
     assert shrinks, "no group of sites was fused"
+    assert backend == "reference" or launches, "no decode step expanded a group in one launch"
     plain = run(model, users, backend, rows, False, monkeypatch)
     assert_rel_close(fused[0], plain[0])
     assert torch.equal(fused[1], plain[1])
@@ -68,7 +74,7 @@ def test_one_shrink_per_group_and_not_while_training(world, monkeypatch):
     cfg, model, users = world
     eng = Engine(model, backend="reference")
     eng.register("all", users["all"])
-    counts = {"lora": 0, "lora_shrink": 0, "lora_expand": 0}
+    counts = {"lora": 0, "lora_shrink": 0, "lora_expand_group": 0}
     for name in counts:
         real = ops.get(name)
         monkeypatch.setitem(ops._BACKENDS["reference"], name,
@@ -76,8 +82,8 @@ def test_one_shrink_per_group_and_not_while_training(world, monkeypatch):
     ids = torch.randint(3, cfg.vocab_size, (2, 5))
     with torch.no_grad():
         model.encode(ids, None, eng.batch(["all", "all"]))
-    L = cfg.num_layers  # encoder: per layer one shrink for q, k, v, one for wi_0, wi_1; o alone
-    assert counts == {"lora_shrink": 2 * L, "lora_expand": 5 * L, "lora": L}, counts
+    L = cfg.num_layers  # encoder: per layer one shrink and one expand op for q, k, v, the same for wi_0, wi_1
+    assert counts == {"lora_shrink": 2 * L, "lora_expand_group": 2 * L, "lora": L}, counts
     view = eng.train_view(["all"])  # training: A's change every step, so site by site
     for k in counts:
         counts[k] = 0

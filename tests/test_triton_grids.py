@@ -168,3 +168,43 @@ def test_the_triton_adapter_op_takes_the_decode_path_at_one_token(monkeypatch):
     got = T.adapter(*args, "silu", slots, seg=make_segments(slots))
     assert calls
     torch.testing.assert_close(got, R.adapter(*args, "silu", slots), **tol(torch.float32, "kernel"))
+
+
+@pytest.mark.parametrize("n_sites", [2, 3])
+@pytest.mark.parametrize("grouped", [True, False])
+def test_group_expand_in_one_launch_matches_reference(n_sites, grouped, monkeypatch):
+    """The expands of sites sharing an input (different N and R per site, mixed ranks, rows without a
+    user) in one launch equal the reference site by site."""
+    from peftu_kernels.triton import sgmv_group
+    g = torch.Generator().manual_seed(n_sites)
+    B, S = 21, 4
+    Ns, Rs = [13, 40, 7][:n_sites], [3, 6, 2][:n_sites]
+    slots = popularity_with_gaps(B, S, g)
+    seg = make_segments(slots)
+    h = torch.randn(B, 1, sum(Rs), generator=g)
+    offsets = [sum(Rs[:j]) for j in range(n_sites)]
+    Bs = [torch.randn(S, N, R, generator=g) for N, R in zip(Ns, Rs)]
+    ranks = [torch.randint(1, R + 1, (S,), generator=g) for R in Rs]
+    for Bw, rk in zip(Bs, ranks):
+        for s in range(S):
+            Bw[s, :, rk[s]:] = 0
+    ys = [torch.randn(B, 1, N, generator=g) for N in Ns]
+    want = R.lora_expand_group([y.clone() for y in ys], h, Bs, offsets, slots, ranks, seg)
+    cfg = dict(grouped=grouped, split_k=1, BLOCK_K=16, BLOCK_N=16, num_warps=1)
+    monkeypatch.setattr(sgmv_group, "decode_config", lambda *a, **k: cfg)
+    launches = []
+    real = sgmv_group._expand_group_kernel
+    monkeypatch.setattr(sgmv_group, "_expand_group_kernel", type("K", (), {"__getitem__": lambda self, grid: (
+        launches.append(grid), real[grid])[1]})())
+    got = sgmv_group.lora_expand_group([y.clone() for y in ys], h, Bs, offsets, slots, ranks, seg)
+    assert len(launches) == 1
+    for j in range(n_sites):
+        torch.testing.assert_close(got[j], want[j], **tol(torch.float32, "kernel"))
+        assert torch.equal(got[j][slots < 0], ys[j][slots < 0])
+
+
+def popularity_with_gaps(B, S, g):
+    s = torch.randint(0, S, (B,), generator=g)
+    s[torch.rand(B, generator=g) < 0.3] = -1
+    s[:8] = 1  # one user repeats: tiles of several rows
+    return s

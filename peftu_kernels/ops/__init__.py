@@ -15,8 +15,8 @@ import os
 from . import reference
 
 _BACKENDS: dict[str, dict] = {"reference": {name: getattr(reference, name) for name in
-                                             ("lora", "lora_shrink", "lora_expand", "ia3_scale", "adapter",
-                                              "prompt_prepend", "prefix_gather")}}
+                                             ("lora", "lora_shrink", "lora_expand", "lora_expand_group",
+                                              "ia3_scale", "adapter", "prompt_prepend", "prefix_gather")}}
 _LOADERS = {"triton": "peftu_kernels.triton", "cuda": "peftu_kernels.cuda"}
 
 

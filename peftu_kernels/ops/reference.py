@@ -145,3 +145,9 @@ def prefix_gather(k_bank, v_bank, slots, P: int):
     s = slots.clamp(min=0)
     Pmax = k_bank.shape[2]
     return k_bank[s, :, Pmax - P:], v_bank[s, :, Pmax - P:]
+
+
+def lora_expand_group(ys, h, Bs, offsets, slots, ranks, seg=None):
+    """The expands of sites that share an input. Semantics: for each site j, `lora_expand(ys[j],
+    h[..., offsets[j]:offsets[j] + R_j], Bs[j], slots, ranks[j])` (h from one lora_shrink on the stacked A's)."""
+    return [lora_expand(y, h[..., o:o + B.shape[2]], B, slots, r, seg) for y, B, o, r in zip(ys, Bs, offsets, ranks)]

@@ -257,7 +257,7 @@ class PeftBatch:
         self.plans = {}
         for b in banks:
             self.plans[b.key] = b.plan(self)
-        self.scratch: dict = {}  # what a bank keeps between sites of one forward (LoRA: q, k, v's shared shrink)
+        self.scratch: dict = {}  # a group's outputs computed with its first site, for the others (q -> k, v)
 
     def check(self, rows: int) -> None:
         """Called by the model's entry points: the input must have this handle's rows, and every user of the
@@ -273,6 +273,30 @@ class PeftBatch:
             self._version = eng.version
 
     def linear(self, site: str, x, weight):
+        done = self.scratch.get("group")
+        if done is not None and done[0] is x and site in done[1]:  # computed with its group's first site
+            return done[1].pop(site)
+        group = next((g for b in self._out if hasattr(b, "fuses") for g in [b.fuses(site)] if g), None)
+        if group is None or site != group[0]:
+            return self._linear(site, x, weight)
+        # sites that share this input (q, k, v): their base outputs now, so that a bank can serve them together
+        weights = {s: self.engine.model.get_submodule(s).weight for s in group}
+        ys = {}
+        for s in group:
+            x_in = x
+            for b in self._in:
+                x_in = b.linear_in(self, s, x_in)
+            ys[s] = F.linear(x_in, weights[s])
+        for b in self._out:
+            if hasattr(b, "fuses") and b.fuses(site) == group:
+                ys = b.linear_out_group(self, group, x, ys)
+            else:
+                ys = {s: b.linear_out(self, s, x, ys[s], weights[s]) for s in group}
+        y = ys.pop(site)
+        self.scratch["group"] = (x, ys)
+        return y
+
+    def _linear(self, site, x, weight):
         x_in = x
         for b in self._in:
             x_in = b.linear_in(self, site, x_in)

@@ -22,6 +22,7 @@ from .lora import HARMLESS, LoRA, LoraBank
 class DoraBank(LoraBank):
     fills = {"m": 1.0, "norm": 1.0}
     order = 30  # after LoRA: its gain scales the row's whole output
+    fuse_sites = False
 
     def _weight(self, site):
         return self.model.get_submodule(site).weight

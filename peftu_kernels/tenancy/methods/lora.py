@@ -73,25 +73,27 @@ class LoraBank(Bank):
         if g is None:
             return y
         slots, seg = self.slots_of(pb)
-        group = self._group(site)
-        if group is None:
-            return pb.op["lora"](y, x, g["A"], g["B"], g["scale"], slots, rank=g["rank"], seg=seg)
-        # sites sharing this input (q, k, v): one shrink for all of them at the first, an expand per site
-        got = pb.scratch.get(self.key)
-        if got is None or got[0] != group or got[1] is not x:
-            A, offsets = self._stacked(group)
-            h = pb.op["lora_shrink"](x, A, None, slots, rank=None, seg=seg)
-            got = pb.scratch[self.key] = (group, x, h, offsets)
-        lo = got[3][site]
-        return pb.op["lora_expand"](y, got[2][..., lo:lo + g["A"].shape[1]], g["B"], slots, rank=g["rank"], seg=seg)
+        return pb.op["lora"](y, x, g["A"], g["B"], g["scale"], slots, rank=g["rank"], seg=seg)
 
-    def _group(self, site):
-        """The model's sites that always get this site's input, when all are in this bank and it is serving
-        (not training: its A's then change every step, and the stacked copy would be stale)."""
-        group = getattr(self.model, "input_groups", {}).get(site)
+    fuse_sites = True  # a variant whose rows do more than add (DoRA) turns it off
+
+    def fuses(self, site):
+        """The model's sites that always get this site's input, when this bank holds all of them and serves
+        (not while training: its A's then change every step, and the stacked copy would be stale)."""
+        group = getattr(self.model, "input_groups", {}).get(site) if self.fuse_sites else None
         if not group or len(group) < 2 or any(s not in self.sites for s in group):
             return None
         return None if self.sites[site]["A"].requires_grad else group
+
+    def linear_out_group(self, pb, group, x, ys: dict) -> dict:
+        """Every site of `group` at once: one shrink on their stacked A's, their expands in one op."""
+        slots, seg = self.slots_of(pb)
+        A, offsets = self._stacked(group)
+        h = pb.op["lora_shrink"](x, A, None, slots, rank=None, seg=seg)
+        gs = [self.sites[s] for s in group]
+        out = pb.op["lora_expand_group"]([ys[s] for s in group], h, [g["B"] for g in gs], [offsets[s] for s in group],
+                                        slots, [g["rank"] for g in gs], seg)
+        return dict(zip(group, out))
 
     def _stacked(self, group):
         """The group's A's, each times its scale, stacked along R (cached until a slot changes)."""
