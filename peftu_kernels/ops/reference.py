@@ -150,4 +150,6 @@ def prefix_gather(k_bank, v_bank, slots, P: int):
 def lora_expand_group(ys, h, Bs, offsets, slots, ranks, seg=None):
     """The expands of sites that share an input. Semantics: for each site j, `lora_expand(ys[j],
     h[..., offsets[j]:offsets[j] + R_j], Bs[j], slots, ranks[j])` (h from one lora_shrink on the stacked A's)."""
-    return [lora_expand(y, h[..., o:o + B.shape[2]], B, slots, r, seg) for y, B, o, r in zip(ys, Bs, offsets, ranks)]
+    # each slice made contiguous: a strided h sends CPU batched matmuls down a much slower path
+    return [lora_expand(y, h[..., o:o + B.shape[2]].contiguous(), B, slots, r, seg)
+            for y, B, o, r in zip(ys, Bs, offsets, ranks)]
