@@ -33,6 +33,28 @@ def _tile_rows(rows_ptr, t, BR: tl.constexpr):
 
 
 @triton.jit
+def _times_b(h, b_ptr, s, offs_n, offs_r, r, N, stride_b_s, stride_b_n, stride_b_r, IEEE: tl.constexpr,
+             BR: tl.constexpr):
+    """(BR, BLOCK_N) fp32 = h @ B[s, offs_n, :r].T: a tensor-core dot for a tile of rows, a reduce for one."""
+    w = tl.load(b_ptr + s * stride_b_s + offs_n[None, :] * stride_b_n + offs_r[:, None] * stride_b_r,
+                mask=(offs_n[None, :] < N) & (offs_r[:, None] < r), other=0.0).to(tl.float32)
+    if BR >= 16:
+        acc = _dot(h, w, IEEE)
+    else:
+        acc = tl.sum(h[:, :, None] * w[None, :, :], axis=1)
+    return acc
+
+
+@triton.jit
+def _add_into(y_ptr, rows, valid, offs_n, N, stride_y_b, stride_y_n, acc):
+    """y[rows, offs_n] += acc (in y's dtype, summed in fp32)."""
+    ptrs = y_ptr + rows[:, None] * stride_y_b + offs_n[None, :] * stride_y_n
+    ymask = valid[:, None] & (offs_n[None, :] < N)
+    y = tl.load(ptrs, mask=ymask, other=0.0)
+    tl.store(ptrs, (y.to(tl.float32) + acc).to(y.dtype), mask=ymask)
+
+
+@triton.jit
 def _sgmv_shrink_kernel(x_ptr, a_ptr, hp_ptr, rows_ptr, tslot_ptr, rank_ptr, scale_ptr, S, K, R, KCHUNK,
                         stride_x_b, stride_x_k, stride_a_s, stride_a_r, stride_a_k,
                         stride_hp_p, stride_hp_b, stride_hp_r,
@@ -87,18 +109,10 @@ def _sgmv_expand_kernel(hp_ptr, b_ptr, y_ptr, rows_ptr, tslot_ptr, rank_ptr, db_
         db = tl.load(db_ptr + s * stride_db_s + offs_r, mask=offs_r < r, other=0.0).to(tl.float32)
         h = tl.where(hmask, _act(h + db[None, :], ACT), 0.0)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    w = tl.load(b_ptr + s * stride_b_s + offs_n[None, :] * stride_b_n + offs_r[:, None] * stride_b_r,
-                mask=(offs_n[None, :] < N) & (offs_r[:, None] < r), other=0.0).to(tl.float32)
-    if BR >= 16:
-        acc = _dot(h, w, IEEE)
-    else:
-        acc = tl.sum(h[:, :, None] * w[None, :, :], axis=1)
+    acc = _times_b(h, b_ptr, s, offs_n, offs_r, r, N, stride_b_s, stride_b_n, stride_b_r, IEEE, BR)
     if ADAPTER:
         acc += tl.load(ub_ptr + s * stride_ub_s + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
-    ptrs = y_ptr + rows[:, None] * stride_y_b + offs_n[None, :] * stride_y_n
-    ymask = valid[:, None] & (offs_n[None, :] < N)
-    y = tl.load(ptrs, mask=ymask, other=0.0)
-    tl.store(ptrs, (y.to(tl.float32) + acc).to(y.dtype), mask=ymask)
+    _add_into(y_ptr, rows, valid, offs_n, N, stride_y_b, stride_y_n, acc)
 
 
 def _partials(split: int, rows: int, R: int, device) -> torch.Tensor:

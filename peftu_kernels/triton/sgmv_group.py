@@ -13,8 +13,8 @@ import triton
 import triton.language as tl
 
 from .configs import INTERPRET, decode_config
-from .lora import _block_r, _dot
-from .sgmv import _tile_rows, _tiles
+from .lora import _block_r
+from .sgmv import _add_into, _tile_rows, _tiles, _times_b
 
 
 @triton.jit
@@ -26,16 +26,8 @@ def _site_expand(h_ptr, b_ptr, y_ptr, rank_ptr, rows, valid, s, nb, N, R, OFF, s
     h = tl.load(h_ptr + rows[:, None] * stride_h_b + (OFF + offs_r)[None, :] * stride_h_r,
                 mask=valid[:, None] & (offs_r[None, :] < r), other=0.0)
     offs_n = nb * BLOCK_N + tl.arange(0, BLOCK_N)
-    w = tl.load(b_ptr + s * stride_b_s + offs_n[None, :] * stride_b_n + offs_r[:, None] * stride_b_r,
-                mask=(offs_n[None, :] < N) & (offs_r[:, None] < r), other=0.0).to(tl.float32)
-    if BR >= 16:
-        acc = _dot(h, w, IEEE)
-    else:
-        acc = tl.sum(h[:, :, None] * w[None, :, :], axis=1)
-    ptrs = y_ptr + rows[:, None] * stride_y_b + offs_n[None, :] * stride_y_n
-    ymask = valid[:, None] & (offs_n[None, :] < N)
-    y = tl.load(ptrs, mask=ymask, other=0.0)
-    tl.store(ptrs, (y.to(tl.float32) + acc).to(y.dtype), mask=ymask)
+    acc = _times_b(h, b_ptr, s, offs_n, offs_r, r, N, stride_b_s, stride_b_n, stride_b_r, IEEE, BR)
+    _add_into(y_ptr, rows, valid, offs_n, N, stride_y_b, stride_y_n, acc)
 
 
 @triton.jit
