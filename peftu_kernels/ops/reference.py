@@ -83,19 +83,9 @@ def lora_expand(y, h, B, slots, rank=None, seg=None):
 
 def lora(y, x, A, B, scale, slots, rank=None, seg=None):
     """Semantics: `y[b] + scale[s] * (x[b] @ A[s].T) @ B[s].T` where `s = slots[b]`, rows with s < 0 unchanged.
-    Mixed ranks are zero-padded to A's r (exact: padded rows/cols contribute 0)."""
-    rows, s, u = _active(slots, seg)
-    if _none_active(rows, seg):
-        return y
-    if u >= 0:  # one user for the whole batch: two plain matmuls, no gather
-        h = (x.float() @ A[u].float().T) * scale[u].float()
-        return torch.addmm(y.float().flatten(0, -2), h.flatten(0, -2), B[u].float().T).view(y.shape).to(y.dtype)
-    if seg is not None and seg.group:  # rows grouped by user: one matmul per user, no per-row gather
-        u = seg.slot
-        h = torch.bmm(_by_user(x.float(), seg), A[u].float().transpose(1, 2)) * scale[u].float()[:, None, None]
-        return torch.baddbmm(_by_user(y.float(), seg), h, B[u].float().transpose(1, 2)).view(y.shape).to(y.dtype)
-    xs = x if rows is None else x[rows]
-    return _expand_rows(y, _shrink_rows(xs, A, scale, s), B, rows, s)
+    Mixed ranks are zero-padded to A's r (exact: padded rows/cols contribute 0). One user for the whole batch:
+    two plain matmuls, no gather; rows k per user in slot order: one matmul per user (lora_shrink's paths)."""
+    return lora_expand(y, lora_shrink(x, A, scale, slots, rank, seg), B, slots, rank, seg)
 
 
 def ia3_scale(x, vec, slots, seg=None):

@@ -276,7 +276,8 @@ class PeftBatch:
         done = self.scratch.get("group")
         if done is not None and done[0] is x and site in done[1]:  # computed with its group's first site
             return done[1].pop(site)
-        group = next((g for b in self._out if hasattr(b, "fuses") for g in [b.fuses(site)] if g), None)
+        fusing = {b: b.fuses(site) for b in self._out if hasattr(b, "fuses")}
+        group = next((g for g in fusing.values() if g), None)
         if group is None or site != group[0]:
             return self._linear(site, x, weight)
         # sites that share this input (q, k, v): their base outputs now, so that a bank can serve them together
@@ -288,7 +289,7 @@ class PeftBatch:
                 x_in = b.linear_in(self, s, x_in)
             ys[s] = F.linear(x_in, weights[s])
         for b in self._out:
-            if hasattr(b, "fuses") and b.fuses(site) == group:
+            if fusing.get(b) == group:
                 ys = b.linear_out_group(self, group, x, ys)
             else:
                 ys = {s: b.linear_out(self, s, x, ys[s], weights[s]) for s in group}

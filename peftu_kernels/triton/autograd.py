@@ -49,7 +49,7 @@ def lora(y, x, A, B, scale, slots, rank=None, seg=None):
     rank = _rank(rank, A)
     if _needs_grad(y, x, A, B):
         return _Lora.apply(y, x, A, B, scale, slots, rank, seg if seg is not None else make_segments(slots))
-    if x.shape[1] == 1 and seg is not None and seg.tile_rows is not None:  # decode: grid sized to fill the card
+    if _sgmv.decode_shaped(x, seg):  # decode: grid sized to fill the card
         return _sgmv.lora_decode_(y, x, A, B, scale, slots, rank, seg)
     return _lo.lora_(y, x, A, B, scale, slots, rank)  # no gradient: accumulate into the caller's fresh y
 
@@ -88,7 +88,7 @@ def adapter(h, residual, down, down_bias, up, up_bias, act, slots, seg=None):
     if _needs_grad(h, residual, down, down_bias, up, up_bias):
         return _Adapter.apply(h, residual, down, down_bias, up, up_bias, act, slots,
                               seg if seg is not None else make_segments(slots))
-    if h.shape[1] == 1 and seg is not None and seg.tile_rows is not None:  # decode: split grid, SGMV tiles
+    if _sgmv.decode_shaped(h, seg):  # decode: split grid, SGMV tiles
         return _sgmv.adapter_decode(h, residual, down, down_bias, up, up_bias, act, slots, seg)
     return _ad.adapter_into(torch.empty_like(residual), h, residual, down, down_bias, up, up_bias, act, slots)
 

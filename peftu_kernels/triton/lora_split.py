@@ -15,15 +15,11 @@ from .autograd import _needs_grad, _rank
 from .configs import decode_config
 
 
-def _decode(x, seg):
-    return x.shape[1] == 1 and seg is not None and seg.tile_rows is not None
-
-
 def lora_shrink(x, A, scale, slots, rank=None, seg=None):
     if _needs_grad(x, A):
         return reference.lora_shrink(x, A, scale, slots, rank, seg)
     rank = _rank(rank, A)
-    if _decode(x, seg):
+    if sgmv.decode_shaped(x, seg):
         if seg.n_active == 0:
             return torch.zeros(x.shape[0], 1, A.shape[1], dtype=torch.float32, device=x.device)
         cfg = decode_config(seg.n_active, int(seg.slot.numel()), A.shape[2], A.shape[1], A.shape[1])
@@ -36,7 +32,7 @@ def lora_expand(y, h, B, slots, rank=None, seg=None):
     if _needs_grad(y, h, B):
         return reference.lora_expand(y, h, B, slots, rank, seg)
     rank = _rank(rank, B.transpose(1, 2))
-    if _decode(y, seg):
+    if sgmv.decode_shaped(y, seg):
         if seg.n_active == 0:
             return y
         cfg = decode_config(seg.n_active, int(seg.slot.numel()), B.shape[2], B.shape[1], B.shape[2])

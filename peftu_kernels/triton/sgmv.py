@@ -170,8 +170,13 @@ def _launch(y, x, A, B, scale, slots, rank, seg, cfg, adapter=None):
     return expand_(y, shrink(x, A, scale, slots, rank, seg, cfg), B, slots, rank, seg, cfg, adapter)
 
 
+def decode_shaped(x, seg) -> bool:
+    """One token per row and the batch's Segments with their row tiles: the shape these kernels serve."""
+    return x.shape[1] == 1 and seg is not None and seg.tile_rows is not None
+
+
 def _need_tiles(name, x, seg):
-    if x.shape[1] != 1 or seg is None or seg.tile_rows is None:
+    if not decode_shaped(x, seg):
         raise ValueError(f"{name}: one token per row and the batch's Segments (with tiles) are needed, got "
                          f"L={x.shape[1]}, seg={'none' if seg is None else 'without tiles'}")
 

@@ -14,7 +14,7 @@ import triton.language as tl
 
 from .configs import INTERPRET, decode_config
 from .lora import _block_r
-from .sgmv import _add_into, _tile_rows, _tiles, _times_b
+from .sgmv import _add_into, _tile_rows, _tiles, _times_b, decode_shaped
 
 
 @triton.jit
@@ -58,7 +58,7 @@ def lora_expand_group(ys, h, Bs, offsets, slots, ranks, seg=None):
     at one token per row with two or three sites, else through lora_expand site by site)."""
     from .lora_split import lora_expand
     grad = torch.is_grad_enabled() and any(t.requires_grad for t in (h, *ys, *Bs))
-    if grad or not 2 <= len(ys) <= 3 or ys[0].shape[1] != 1 or seg is None or seg.tile_rows is None:
+    if grad or not 2 <= len(ys) <= 3 or not decode_shaped(ys[0], seg):
         return [lora_expand(y, h[..., o:o + B.shape[2]], B, slots, rank=r, seg=seg)
                 for y, B, o, r in zip(ys, Bs, offsets, ranks)]
     if seg.n_active == 0:
