@@ -185,9 +185,12 @@ class Method:
     def train_view(self, bank: Bank, slots: dict[str, int], init: dict[str, UserModule]) -> TrainView:
         return TrainView(bank, slots, init)
 
+    def served_tensors(self, mod: UserModule) -> list[torch.Tensor]:
+        """The tensors serving reads (P-tuning's encoder is training-only)."""
+        return list(mod.tensors.values())
+
     def served(self, mod: UserModule) -> int:
-        """Parameters that serving reads (P-tuning's encoder is training-only)."""
-        return sum(t.numel() for t in mod.tensors.values())
+        return sum(t.numel() for t in self.served_tensors(mod))
 
     def served_bytes(self, mod: UserModule) -> int:
-        return sum(t.numel() * t.element_size() for t in mod.tensors.values())
+        return sum(t.numel() * t.element_size() for t in self.served_tensors(mod))

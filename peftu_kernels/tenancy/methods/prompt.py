@@ -98,11 +98,8 @@ class Prompt(Method):
             fm.bad(folder, f"needs prompt_embeddings with >= num_virtual_tokens={n} rows")
         return UserModule(self.name, {"prompt": p[:n].clone()}, {"num_virtual_tokens": n, "peft_type": cfg["peft_type"]})
 
-    def served(self, mod):  # a P-tuning encoder is for training only
-        return sum(t.numel() for k, t in mod.tensors.items() if not k.startswith("prompt_encoder."))
-
-    def served_bytes(self, mod):
-        return sum(t.numel() * t.element_size() for k, t in mod.tensors.items() if not k.startswith("prompt_encoder."))
+    def served_tensors(self, mod):  # a P-tuning encoder is for training only
+        return [t for k, t in mod.tensors.items() if not k.startswith("prompt_encoder.")]
 
     def peft_extra(self, mod, model) -> dict:
         return {"prompt_tuning_init": "RANDOM"}
