@@ -135,4 +135,5 @@ def run_peft(method, model, tok, task, users, a, train_dir) -> Outcome:
     m = mods[users[0].user]
     tp = throughput.measure(model, users, eng.batch, a.max_new_tokens, a.device, a.workload_rows,
                             bank_bytes=eng.memory_report()["bank_bytes"]) if a.measure_throughput else {}
-    return Outcome(acc, m.numel(), m.nbytes(), train_s, n_ex / max(train_s, 1e-9), tp)
+    pm = methods.get(m.method)
+    return Outcome(acc, pm.served(m), pm.served_bytes(m), train_s, n_ex / max(train_s, 1e-9), tp)

@@ -8,6 +8,7 @@ bottleneck adapters in the residual, prefixes in attention, prompts at the encod
 from __future__ import annotations
 
 import math
+from contextlib import nullcontext
 
 import torch
 import torch.nn.functional as F
@@ -79,6 +80,12 @@ def check_inputs(cfg: T5Config, input_ids, attention_mask=None) -> torch.Tensor:
         rows = (~mask.any(1)).nonzero().flatten().tolist()
         raise ValueError(f"rows {rows[:8]} have no tokens (attention_mask all zero): nothing to answer")
     return mask
+
+
+def held(peft, rows: int):
+    """An entry point's hold on its batch handle (tenancy.PeftBatch.hold: the engine's lock, the handle's users
+    checked), so that no registry change interleaves with a forward; nothing without a handle."""
+    return nullcontext() if peft is None else peft.hold(rows)
 
 
 class RMSNorm(nn.Module):
@@ -244,10 +251,13 @@ class T5(nn.Module):
     def encode(self, input_ids, attention_mask=None, peft=None):
         """-> (hidden (B, L', D), mask (B, L') bool); L' includes prompt-tuning tokens when peft adds them."""
         mask = check_inputs(self.cfg, input_ids, attention_mask)
+        with held(peft, input_ids.shape[0]):
+            return self._encode(input_ids, mask, peft)
+
+    def _encode(self, input_ids, mask, peft):
         x = self.shared(input_ids)
         plen, delta, kmask = 0, None, mask
         if peft is not None:
-            peft.check(input_ids.shape[0])
             width = x.shape[1]
             x, mask = peft.prompt(x, mask)
             plen, kmask = peft.prefix_len("encoder"), mask
@@ -275,9 +285,11 @@ class T5(nn.Module):
 
     def new_cache(self, enc, enc_mask, peft=None, max_new_tokens: int = 16) -> DecoderCache:
         """Cross-attention keys/values once per request; self-attention slots for prefix + new tokens."""
+        with held(peft, enc.shape[0]):
+            return self._new_cache(enc, enc_mask, peft, max_new_tokens)
+
+    def _new_cache(self, enc, enc_mask, peft, max_new_tokens):
         B, dev, dt = enc.shape[0], enc.device, enc.dtype
-        if peft is not None:
-            peft.check(B)
         plen = peft.prefix_len("decoder") if peft is not None else 0
         cap, layers = plen + max_new_tokens, []
         for blk, ckv in zip(self.decoder.block, self.cross_kv(enc, peft)):
@@ -300,8 +312,10 @@ class T5(nn.Module):
         several candidates in a row)."""
         if dec_ids.dim() != 2 or dec_ids.shape[0] != enc.shape[0] or dec_ids.shape[1] < 1:
             raise ValueError(f"decoder ids must be (B={enc.shape[0]}, L>=1), got {tuple(dec_ids.shape)}")
-        if peft is not None:
-            peft.check(dec_ids.shape[0])
+        with held(peft, dec_ids.shape[0]):
+            return self._decode(dec_ids, enc, enc_mask, peft, cache, positions, allowed)
+
+    def _decode(self, dec_ids, enc, enc_mask, peft, cache, positions, allowed):
         x = self.shared(dec_ids)
         B, L, dev, dt = *dec_ids.shape, x.device, x.dtype
         if cache is not None:
@@ -340,8 +354,9 @@ class T5(nn.Module):
 
     def forward(self, input_ids, decoder_input_ids, attention_mask=None, peft=None):
         check_inputs(self.cfg, decoder_input_ids)
-        enc, mask = self.encode(input_ids, attention_mask, peft)
-        return self.decode(decoder_input_ids, enc, mask, peft)
+        with held(peft, input_ids.shape[0]):  # one hold: nothing changes between the encoder and the decoder
+            enc, mask = self.encode(input_ids, attention_mask, peft)
+            return self.decode(decoder_input_ids, enc, mask, peft)
 
     def shift_right(self, labels):
         """Decoder inputs for teacher forcing: start token, then labels[:-1] with -100 turned into pad."""

@@ -77,7 +77,7 @@ def test_lru_eviction_reloads_on_demand(model, tmp_path, offload):
         small.register(u, copy.deepcopy(m))
     assert small.memory_report()["resident_users"] == 2
     if offload:
-        assert small.store.has("u0") and small.store.root.parent == tmp_path and small.users["u0"] is None
+        assert small.store.has("u0") and small.store.root.parent == tmp_path and small.users["u0"] == "disk"
     for rows in (["u0", "u1"], ["u4", "u0"], ["u2", None], ["u3", "u1"]):
         torch.testing.assert_close(run(model, small, rows), run(model, full, rows), **TOL[torch.float32])
     with pytest.raises(RuntimeError, match="capacity 2"):

@@ -1,13 +1,14 @@
-"""The adapter store: users' adapters loaded on demand, in three tiers.
+"""The adapter store: a folder of users' adapters, read on demand into the engine's residency.
 
-- disk: a folder of user folders -- HF PEFT (adapter_config.json with peft_type), AdapterHub (adapter_config.json
-  with config and name) or peftu (manifest.json); detected by their files. A user id names a direct child of
-  the folder (or its `ids.folder_name`): ids that are not a plain child name never resolve to a path.
-- host: the engine's registered users (their modules in CPU memory), at most `host_capacity`, LRU.
-- device: the engine's bank slots, at most the engine's `capacity`, LRU (the engine evicts to host itself).
+- the folder: HF PEFT (adapter_config.json with peft_type), AdapterHub (adapter_config.json with config and
+  name) or peftu (manifest.json) user folders, detected by their files. A user id names a direct child of the
+  folder (or its `ids.folder_name`): ids that are not a plain child name never resolve to a path.
+- every tier after that (device slots, host memory, the engine's disk tier) and the one LRU policy over them
+  belong to the engine's Residency; this store only sets its host capacity and registers what it read as
+  `reloadable` (with no disk tier, a user pushed out of host memory is forgotten and read again on demand).
 
-Disk reads run on a thread pool: `want(user)` starts one and returns at once, `poll()` (called by the step
-loop between steps) registers what finished. So a step never waits on the disk.
+Reads run on a thread pool: `want(user)` starts one and returns at once, `poll()` (called by the step loop
+between steps) registers what finished. So a step never waits on the disk.
 """
 from __future__ import annotations
 
@@ -39,8 +40,7 @@ def read_folder(folder: Path, model) -> list[UserModule]:
 
 class AdapterStore:
     def __init__(self, engine: Engine, folder=None, host_capacity: int | None = None, workers: int = 2):
-        if host_capacity is not None and (engine.capacity or 1) > host_capacity:
-            raise ValueError(f"host_capacity {host_capacity} is below the engine's device capacity {engine.capacity}")
+        engine.residency.set_host_capacity(host_capacity)  # refuses a host tier smaller than the device tier
         self.engine, self.host_capacity = engine, host_capacity
         self.root = Path(folder).resolve() if folder else None
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="adapter-load")
@@ -64,7 +64,7 @@ class AdapterStore:
         return None
 
     def known(self, user: str) -> bool:
-        return user in self.engine.users or self.path(user) is not None
+        return self.engine.has(user) or self.path(user) is not None
 
     def on_disk(self) -> list[str]:
         """Ids of the user folders in the store (a folder's name is its user's id)."""
@@ -74,66 +74,61 @@ class AdapterStore:
     def loading(self, user: str) -> bool:
         return user in self._loading or user in self._staged
 
-    def _room(self, pinned: set) -> bool:
-        """Host memory for one more user: free capacity, or a user that may leave (not pinned, on disk)."""
-        cap = self.host_capacity
-        if cap is None or len(self.engine.users) + len(self._loading) + len(self._staged) < cap:
-            return True
-        return any(u not in pinned and self.path(u) is not None for u in self.engine.users)
-
     def want(self, user: str, reload: bool = False, pinned: set | None = None) -> bool:
-        """Start loading `user` off this thread (a no-op if it is registered or on its way, or if host memory
-        is full: the step loop asks again). True when the user is loaded or on its way."""
+        """Start reading `user` off this thread: its folder (new users, or reload=True), or the engine's disk
+        tier (registered users pushed out of host memory). A no-op when it is in memory or on its way, or when
+        host memory has no room (the step loop asks again). True when the user is loaded or on its way."""
+        eng = self.engine
         with self._lock:
-            if (user in self.engine.users and not reload) or self.loading(user):
+            if (eng.in_memory(user) and not reload) or self.loading(user):
+                return True
+            if eng.has(user) and not reload:  # on the engine's disk tier
+                self._loading[user] = self._pool.submit(eng.residency.fill, user)
                 return True
             path = self.path(user)
             if not reload and user in self.failed:  # retried only when asked (POST /v1/adapters/{user})
                 return False
-            if path is None or (not reload and not self._room(pinned if pinned is not None else set(self.engine.users))):
+            room = eng.residency.room(pinned if pinned is not None else set())
+            busy = len(self._loading) + len(self._staged)
+            if path is None or (not reload and room is not None and room <= busy):
                 return False
             self.failed.pop(user, None)
-            self._loading[user] = self._pool.submit(read_folder, path, self.engine.model)
+            self._loading[user] = self._pool.submit(read_folder, path, eng.model)
             return True
 
     def poll(self, pinned: set, wanted: list[str] = ()) -> list[str]:
-        """On the step loop's thread: register finished loads where host memory allows (evicting LRU users
-        that are not `pinned` -- in flight -- and can be read back from disk), and start loads for `wanted`
-        users while there is room. Returns the users registered."""
+        """On the step loop's thread: register finished reads (the residency makes room, never moving `pinned`
+        users -- in flight -- out of memory), and start reads for `wanted` users. Returns the users
+        registered."""
         done = []
         with self._lock:
             for u, f in [(u, f) for u, f in self._loading.items() if f.done()]:
                 del self._loading[u]
                 try:
-                    self._staged[u] = f.result()
+                    got = f.result()
                 except Exception as e:  # a bad folder fails its own requests only
                     self.failed[u] = f"{type(e).__name__}: {e}"
                     self.stats["load_errors"] += 1
+                    continue
+                if isinstance(got, list):
+                    self._staged[u] = got
         for u in list(self._staged):
-            if not self._make_room(pinned | {u}, replacing=u in self.engine.users):
-                continue
-            mods = self._staged.pop(u)
+            mods = self._staged[u]
             try:
-                self.engine.register(u, mods, replace=u in self.engine.users)
+                self.engine.register(u, mods, replace=self.engine.has(u), reloadable=True, keep=pinned)
+            except RuntimeError:  # host memory full of users in flight: try again after the next step
+                continue
             except (ValueError, TypeError) as e:
                 self.failed[u] = f"{type(e).__name__}: {e}"
                 self.stats["load_errors"] += 1
-                continue
-            self.stats["loads"] += 1
-            done.append(u)
+            else:
+                self.stats["loads"] += 1
+                done.append(u)
+            del self._staged[u]
         for u in wanted:
             self.want(u, pinned=pinned)
+        self.stats["host_evictions"] = self.engine.residency.stats["host_evictions"]
         return done
-
-    def _make_room(self, pinned: set, replacing: bool) -> bool:
-        cap = self.host_capacity
-        while cap is not None and not replacing and len(self.engine.users) >= cap:
-            victim = next((u for u in self.engine.users if u not in pinned and self.path(u) is not None), None)
-            if victim is None:
-                return False
-            self.engine.remove(victim)
-            self.stats["host_evictions"] += 1
-        return True
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)

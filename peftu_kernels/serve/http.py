@@ -205,7 +205,7 @@ def build_app(srv: ServingEngine, tokenizer=None, base_name: str = "base",
         t_end = time.perf_counter() + 60
         while srv.store.loading(user) and time.perf_counter() < t_end:
             await asyncio.sleep(0.005)
-        while user not in srv.engine.users and user not in srv.store.failed and time.perf_counter() < t_end:
+        while not srv.engine.has(user) and user not in srv.store.failed and time.perf_counter() < t_end:
             srv.wake()
             await asyncio.sleep(0.005)
         if user in srv.store.failed:
@@ -214,7 +214,7 @@ def build_app(srv: ServingEngine, tokenizer=None, base_name: str = "base",
 
     @app.delete("/v1/adapters/{user}")
     async def unload(user: str):
-        if user not in srv.engine.users:
+        if not srv.engine.has(user):
             return _error(404, f"user {user!r} is not loaded", "not_found_error")
         await on_loop(lambda: srv.engine.remove(user))
         return {"id": user, "loaded": False}

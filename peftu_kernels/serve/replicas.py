@@ -37,8 +37,8 @@ class _Held:
 
     def __del__(self):
         srv = self.replica.srv
-        if self.user in srv.engine.users:
-            srv.call_soon(lambda: self.user in srv.engine.users and srv.engine.remove(self.user))
+        if srv.engine.has(self.user):
+            srv.call_soon(lambda: srv.engine.has(self.user) and srv.engine.remove(self.user))
 
 
 @serve.deployment
@@ -57,7 +57,7 @@ class Replica:
             if store is None or not store.known(user):
                 raise KeyError(user)
             for _ in range(60_000):
-                if user in self.srv.engine.users:
+                if self.srv.engine.has(user):
                     break
                 if user in store.failed:
                     raise ValueError(store.failed[user])

@@ -69,7 +69,7 @@ class _Active:
     row: int
     base: int          # query position of the first generated token (the row's decoder prefix width)
     width: int         # cross keys used in the row
-    mods: object       # the user's module list when admitted: a replace swaps it, and the request fails
+    version: object    # the user's version when admitted: a replace changes it, and the request fails
     last: int
     t: int = 0
 
@@ -103,7 +103,7 @@ class ServingEngine:
     # --- the client side (any thread) ----------------------------------------------------------------
     def submit(self, req: Request) -> Request:
         """Queue a request; raises UnknownUser, QueueFull or ValueError (bad input) at once."""
-        if req.user is not None and not (req.user in self.engine.users or (self.store and self.store.known(req.user))):
+        if req.user is not None and not (self.engine.has(req.user) or (self.store and self.store.known(req.user))):
             raise UnknownUser(f"unknown user {req.user!r}")
         self._validate(req)
         with self._lock:
@@ -114,7 +114,7 @@ class ServingEngine:
             self._queues.setdefault(req.user, deque()).append(req)
             self._wake.notify_all()
         if req.user is not None and self.store is not None:  # loaded (prefetched) by the step loop, off its path
-            self.store.stats["hits" if req.user in self.engine.users else "misses"] += 1
+            self.store.stats["hits" if self.engine.in_memory(req.user) else "misses"] += 1
         return req
 
     def _validate(self, req: Request) -> None:
@@ -226,15 +226,15 @@ class ServingEngine:
         if self.store is not None:
             with self._lock:
                 queued = [u for u in self._queues if u is not None]
-            pinned = {a.req.user for a in self._active} | {u for u in queued if u in self.engine.users}
-            self.store.poll(pinned, [u for u in queued if u not in self.engine.users])
+            pinned = {a.req.user for a in self._active} | {u for u in queued if self.engine.in_memory(u)}
+            self.store.poll(pinned, [u for u in queued if not self.engine.in_memory(u)])
         for a in list(self._active):
             u = a.req.user
             if a.req.cancelled:
                 self._retire(a, "cancelled")
-            elif u is not None and u not in self.engine.users:
+            elif u is not None and not self.engine.has(u):
                 self._retire(a, "error", f"the adapter of user {u!r} was unloaded while the request ran")
-            elif u is not None and self.engine.users[u] is not a.mods:
+            elif u is not None and self.engine.version(u) != a.version:
                 self._retire(a, "error", f"the adapter of user {u!r} was replaced while the request ran")
         with self._lock:
             for u, q in list(self._queues.items()):
@@ -250,7 +250,7 @@ class ServingEngine:
                     del self._queues[u]
 
     def _servable(self, u: str) -> bool:
-        if u in self.engine.users:
+        if self.engine.has(u):
             return True
         return self.store is not None and self.store.path(u) is not None and u not in self.store.failed
 
@@ -267,7 +267,7 @@ class ServingEngine:
                 for u in list(self._queues):
                     q = self._queues[u]
                     r = q[0]
-                    ready = u is None or u in self.engine.users
+                    ready = u is None or self.engine.in_memory(u)
                     fits_dev = u is None or u in users or cap is None or len(users) < cap
                     rows_needed = 1 if r.kind == "generate" else 0
                     if not ready or not fits_dev or len(r.input_ids) > budget or free < rows_needed:
@@ -290,12 +290,12 @@ class ServingEngine:
 
     # --- prefill: encode once, answer scores, seed the KV rows ---------------------------------------
     def _prefill(self, reqs: list[Request]) -> None:
-        for r in [r for r in reqs if r.user is not None and r.user not in self.engine.users]:
+        for r in [r for r in reqs if r.user is not None and not self.engine.has(r.user)]:
             reqs.remove(r)
             self._finish(r, "error", f"user {r.user!r} was unloaded before its request started")
         # users with virtual prompt tokens widen every row of their encoder pass: encode them apart, so the
         # others' rows are not padded by their prompts
-        widens = lambda r: r.user is not None and any(m.bank == "prompt" for m in self.engine.users[r.user])  # noqa
+        widens = lambda r: r.user is not None and self.engine.needs(r.user).get("virtual_tokens", 0) > 0  # noqa
         for group in ([r for r in reqs if not widens(r)], [r for r in reqs if widens(r)]):
             if group:
                 self._prefill_group(group)
@@ -370,7 +370,7 @@ class ServingEngine:
             if delta is not None:
                 pool.delta[rt] = delta
         for r, row in zip(sub, rows):
-            self._active.append(_Active(r, row, plen, W, self.engine.users.get(r.user),
+            self._active.append(_Active(r, row, plen, W, self.engine.version(r.user),
                                         self.cfg.decoder_start_token_id))
 
     # --- one decoder step for every active request ----------------------------------------------------

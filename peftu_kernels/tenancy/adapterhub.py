@@ -13,7 +13,8 @@ from ..io import load_json_object, load_weights, save_json, save_tensors
 from ..t5 import T5
 from . import methods
 from .formats import bad
-from .modules import UserModule, validate
+from .methods import validate
+from .modules import UserModule
 
 
 def import_adapterhub(folder, model: T5) -> UserModule:

@@ -7,11 +7,10 @@
 """
 from __future__ import annotations
 
-import itertools
 import secrets
 import shutil
 import weakref
-from collections import OrderedDict
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -23,8 +22,9 @@ from . import methods
 from .ids import check_id
 from .meta import BatchMeta
 from .methods import Bank, TrainView
-from .modules import UserModule, validate
-from .store import UserStore, save_user
+from .modules import UserModule, owned
+from .residency import Residency
+from .store import save_user
 
 
 class StaleBatchError(RuntimeError):
@@ -32,65 +32,91 @@ class StaleBatchError(RuntimeError):
 
 
 class Engine:
+    """Thread-safe: any number of threads may register / remove / batch and serve handles (greedy,
+    score_labels, the model's entry points) on one engine. Each registry operation and each forward runs under
+    the residency's lock, so it takes effect at one instant (docs/tenancy.md)."""
+
     def __init__(self, model: T5, backend: str | None = None, capacity: int | None = None, offload_dir=None,
-                 dtype: torch.dtype | None = None):
-        """capacity: most users resident in the banks; beyond it the least recently used users are evicted to
-        CPU memory (or to `offload_dir` on disk) and reloaded on demand. dtype: the banks' (default the
-        model's); training keeps float32 banks under a 16-bit base so that small updates are not rounded away.
-        The engine writes its offloaded users to a folder of its own under `offload_dir` (removed by
-        `close()` or when the engine is collected), so engines sharing `offload_dir` never read each other's."""
-        if capacity is not None and (not isinstance(capacity, int) or isinstance(capacity, bool) or capacity < 1):
-            raise ValueError(f"capacity must be a positive int (most resident users) or None, got {capacity!r}")
+                 dtype: torch.dtype | None = None, host_capacity: int | None = None):
+        """capacity: most users resident in the banks (device tier); host_capacity: most users in CPU memory
+        (default: unbounded, or `capacity` with a disk tier); beyond them the least recently used users are
+        evicted to host memory, then to `offload_dir` on disk, and read back on demand. dtype: the banks'
+        (default the model's); training keeps float32 banks under a 16-bit base so that small updates are not
+        rounded away. The engine writes its offloaded users to a folder of its own under `offload_dir`
+        (removed by `close()` or when the engine is collected), so engines sharing it never read each other's."""
         self.model = model
         p = next(model.parameters())
         self.device, self.dtype = p.device, dtype or p.dtype
         self.backend = ops.resolve(backend, self.device.type)
-        self.capacity, self.store = capacity, None
-        if offload_dir is not None:
-            self.store = UserStore(Path(offload_dir) / f"engine-{secrets.token_hex(6)}")
-            self._cleanup = weakref.finalize(self, shutil.rmtree, self.store.root, True)
-        self.banks: dict[str, Bank] = {}
-        self.free: dict[str, list[int]] = {}
-        self.users: OrderedDict[str, list[UserModule] | None] = OrderedDict()  # LRU order; None = on disk
-        self.slots: dict[str, dict[str, int]] = {}  # resident users: user -> bank key -> slot
-        self._tokens = itertools.count(1)
-        self.residency: dict[str, int] = {}  # resident user -> token of this residency (new on every load)
-        self.version = 0  # bumped whenever any user leaves its slots: batch handles re-check then
+        root = Path(offload_dir) / f"engine-{secrets.token_hex(6)}" if offload_dir is not None else None
+        self.residency = Residency(model, self.device, self.dtype, capacity, host_capacity, root)
+        if root is not None:
+            self._cleanup = weakref.finalize(self, shutil.rmtree, root, True)
+
+    @property
+    def lock(self):
+        """The residency's re-entrant lock: hold it to make several calls one atomic step (batch + greedy)."""
+        return self.residency.lock
+
+    @property
+    def capacity(self) -> int | None:
+        return self.residency.capacity
+
+    @property
+    def store(self):
+        return self.residency.store
+
+    @property
+    def banks(self) -> dict[str, Bank]:
+        return self.residency.banks
 
     @property
     def offload_dir(self) -> Path | None:
         return self.store.root if self.store is not None else None
 
+    @property
+    def users(self) -> dict[str, str]:
+        """A snapshot: registered user -> tier ("device", "host" or "disk"), least recently used first."""
+        return self.residency.tiers()
+
+    @property
+    def slots(self) -> dict[str, dict[str, int]]:
+        """A snapshot: user on the device -> bank key -> slot."""
+        return self.residency.device_slots()
+
+    def has(self, user: str) -> bool:
+        return self.residency.has(user)
+
+    def in_memory(self, user: str) -> bool:
+        """Registered and on the device or in host memory: a batch of it reads no disk."""
+        return self.residency.tier(user) in ("device", "host")
+
+    def version(self, user: str) -> int | None:
+        """The registered version of `user` (new on every register / replace), None when unknown."""
+        return self.residency.version(user)
+
+    def needs(self, user: str) -> dict[str, int]:
+        """What serving `user` costs beyond weights (Method.needs of its modules, summed): virtual_tokens,
+        prefix."""
+        return self.residency.needs(user)
+
     def close(self) -> None:
-        """Remove this engine's offload folder (its users stay registered only while resident)."""
+        """Remove this engine's offload folder (its users stay registered only while in memory)."""
         if self.store is not None:
             self._cleanup()
 
     # --- registry ----------------------------------------------------------------------------------
-    def register(self, user: str, modules, replace: bool = False) -> None:
-        """Add (or with replace=True, swap) a user's modules. All or nothing: on any error the registry, the
-        banks and the files are as they were."""
+    def register(self, user: str, modules, replace: bool = False, *, reloadable: bool = False,
+                 keep: set = frozenset()) -> int:
+        """Add (or with replace=True, swap) a user's modules; returns the new version. The engine keeps its own
+        copies (detached, on the host): what the caller does with its tensors afterwards never reaches a served
+        row. All or nothing: on any error the registry, the banks and the files are as they were.
+        reloadable: the caller can register this user again from its own source (the server's adapter
+        folders), so without a disk tier it may be forgotten when host memory is full. keep: users that must
+        stay in host memory while this one makes room (a server's users in flight)."""
         user = check_id(user)
         modules = self._checked(user, modules)
-        if user in self.users and not replace:
-            raise ValueError(f"user {user!r} is already registered (pass replace=True to swap its modules)")
-        order = list(self.users.items())
-        old = self.users.get(user)
-        was_resident = user in self.slots
-        try:
-            self._release(user)
-            self.users[user] = modules
-            self._make_resident(user, pinned={user})
-        except BaseException:
-            self._release(user)
-            self.users = OrderedDict(order)
-            if was_resident:  # its slots were freed above, so this needs no eviction
-                self.users[user] = old
-                self._make_resident(user, pinned={user})
-                self.users = OrderedDict(order)
-            raise
-        if self.store is not None and self.store.has(user):
-            self.store.remove(user)  # the replaced set's disk copy
+        return self.residency.put(user, modules, replace, reloadable, keep)
 
     def _checked(self, user: str, modules) -> list[UserModule]:
         if isinstance(modules, UserModule):
@@ -100,80 +126,27 @@ class Engine:
                             f"{type(modules).__name__}")
         if not modules:
             raise ValueError(f"user {user!r}: no modules given (a user needs at least one)")
-        for m in modules:
-            validate(m, self.model, where=f"user {user!r} {m.method} module")
-        keys = [m.bank for m in modules]
+        modules = [owned(m, where=f"user {user!r} {m.method} module") for m in modules]
+        for m in modules:  # the copies are checked: the caller cannot change them after the check
+            methods.validate(m, self.model, where=f"user {user!r} {m.method} module")
+        keys = [methods.get(m.method).bank_key(m) for m in modules]
         if len(set(keys)) != len(keys):
             raise ValueError(f"user {user!r}: two modules for the same bank {keys}")
-        return list(modules)
+        return modules
 
     def remove(self, user: str) -> None:
-        self._known(user)
-        if self.store is not None and self.store.has(user):
-            self.store.remove(user)  # raises before anything else changes if the disk refuses
-        self._release(user)
-        del self.users[user]
+        self.residency.drop(user)
 
     def modules(self, user: str) -> list[UserModule]:
-        self._known(user)
-        if self.users[user] is None:
-            return self.store.load(user)
-        return self.users[user]
-
-    def _known(self, user):
-        if user not in self.users:
-            raise KeyError(f"unknown user id {user!r} (registered: {len(self.users)} users)")
-
-    # --- residency ---------------------------------------------------------------------------------
-    def _make_resident(self, user: str, pinned: set) -> None:
-        self.users.move_to_end(user)
-        if user in self.slots:
-            return
-        mods = self.modules(user)  # read (maybe from disk) before evicting anyone
-        if self.capacity is not None and len(self.slots) >= self.capacity:
-            victim = next((u for u in self.users if u in self.slots and u not in pinned), None)
-            if victim is None:
-                raise RuntimeError(f"bank capacity {self.capacity} is smaller than the batch's distinct users")
-            if self.store is not None:
-                self.store.save(victim, self.users[victim])  # saved before its slots are freed
-            self._release(victim)
-            if self.store is not None:
-                self.users[victim] = None
-        self.slots[user] = {}
-        try:
-            for m in mods:
-                bank = self.banks.get(m.bank)
-                if bank is None:
-                    bank = self.banks[m.bank] = methods.get(m.method).new_bank(m.bank, self.model, self.device,
-                                                                               self.dtype)
-                    self.free[m.bank] = []
-                if not self.free[m.bank]:
-                    old = bank.slots
-                    bank.grow(old + 1, self.capacity)
-                    self.free[m.bank] = list(range(bank.slots - 1, old - 1, -1))
-                slot = self.free[m.bank].pop()
-                self.slots[user][m.bank] = slot
-                bank.write(slot, m)
-        except BaseException:
-            self._release(user)
-            raise
-        self.users[user] = mods
-        self.residency[user] = next(self._tokens)
-
-    def _release(self, user: str) -> None:
-        """Free the user's slots (cleared, so no later batch can read its weights there)."""
-        if user not in self.slots:
-            return
-        self.version += 1
-        self.residency.pop(user, None)
-        for key, slot in self.slots.pop(user).items():
-            self.banks[key].clear(slot)
-            self.free[key].append(slot)
+        """Copies of the user's modules (changing them changes nothing here)."""
+        return [owned(m) for m in self.residency.held(user)]
 
     # --- batches -----------------------------------------------------------------------------------
     def batch(self, users: list[str | None]) -> "PeftBatch":
-        """Per-row users (None = base model). Evicted users are reloaded; BatchMeta is built once here. The
-        handle serves only while its users keep their slots: afterwards it raises StaleBatchError."""
+        """Per-row users (None = base model). First the batch's users are made resident (the residency's work:
+        evictions, reads from disk); then the batch is planned (BatchMeta, each bank's plan), which reads the
+        banks and changes nothing. The handle pins each user's residency and version: it serves exactly those
+        or raises StaleBatchError."""
         if isinstance(users, str) or not isinstance(users, (list, tuple)):
             raise TypeError(f"Engine.batch takes a list of user ids (None = base model), got {type(users).__name__}")
         if not users:
@@ -181,53 +154,57 @@ class Engine:
         for i, u in enumerate(users):
             if u is not None:
                 check_id(u, f"row {i}'s user id")
-                self._known(u)
-        distinct = list(dict.fromkeys(u for u in users if u is not None))
-        if self.capacity is not None and len(distinct) > self.capacity:
-            raise RuntimeError(f"bank capacity {self.capacity} is smaller than the batch's {len(distinct)} "
-                               f"distinct users")
-        for u in distinct:
-            self._make_resident(u, set(distinct))
-        sizes = {k: b.slots for k, b in self.banks.items()}
-        meta = BatchMeta.build([self.slots[u] if u is not None else {} for u in users], self.device, sizes)
-        return PeftBatch(self, meta, {u: self.residency[u] for u in distinct})
+        with self.lock:
+            pinned = self.residency.pin([u for u in users if u is not None])
+            sizes = {k: b.slots for k, b in self.banks.items()}
+            meta = BatchMeta.build([pinned[u][0] if u is not None else {} for u in users], self.device, sizes)
+            return PeftBatch(self, meta, list(users), {u: (tok, ver) for u, (_, tok, ver) in pinned.items()})
 
     # --- reports -----------------------------------------------------------------------------------
     def memory_report(self) -> dict:
-        per_user = {}
-        for u, mods in self.users.items():
-            mods = mods if mods is not None else self.modules(u)
-            per_user[u] = {m.method: {"params": m.numel(), "bytes": m.numel() * self.dtype.itemsize} for m in mods}
-        floor = sum(self.dtype.itemsize * sum(m.numel() for m in (self.users[u] or [])) for u in self.slots)
-        banks = {k: b.nbytes() for k, b in self.banks.items()}
+        with self.lock:
+            tiers = self.residency.tiers()
+            per_user, floor = {}, 0
+            for u, tier in tiers.items():
+                mods = self.residency.held(u)
+                per_user[u] = {m.method: {"params": methods.get(m.method).served(m),
+                                          "bytes": methods.get(m.method).served(m) * self.dtype.itemsize}
+                               for m in mods}
+                if tier == "device":
+                    floor += sum(v["bytes"] for v in per_user[u].values())
+            banks = {k: b.nbytes() for k, b in self.banks.items()}
+            counts = self.residency.counts()
         return {"users": per_user, "banks": banks, "bank_bytes": sum(banks.values()), "resident_floor_bytes": floor,
-                "resident_users": len(self.slots), "registered_users": len(self.users)}
+                "resident_users": counts["device"], "registered_users": counts["registered"],
+                "host_users": counts["host"], "disk_users": counts["disk"]}
 
     def save(self, user: str, folder) -> None:
-        save_user(folder, self.modules(user), user)
+        save_user(folder, self.residency.held(user), user)
 
     # --- training ----------------------------------------------------------------------------------
     def train_view(self, users: list[str]) -> TrainView:
         """The one bank that `users` (resident, one module each, all of one method) train in: its parameters,
-        each user's slot, reads of their current modules (see methods.base.TrainView). Nothing here evicts:
-        the caller keeps every user resident while it trains (no capacity, or capacity >= users)."""
-        mods = {}
-        for u in users:
-            self._known(u)
-            if u not in self.slots:
-                raise RuntimeError(f"train_view: user {u!r} is not resident (capacity {self.capacity})")
-            if len(self.users[u]) != 1:
-                raise ValueError(f"train_view: user {u!r} has {len(self.users[u])} modules; training takes one each")
-            mods[u] = self.users[u][0]
-        kinds = {m.method for m in mods.values()}
-        if len(kinds) != 1:
-            raise ValueError(f"train_view: users of one method per call (they share one bank), got {sorted(kinds)}")
-        first = next(iter(mods.values()))
-        keys = {m.bank for m in mods.values()}
-        if len(keys) != 1:
-            raise ValueError(f"train_view: the users' modules sit in different banks {sorted(keys)}")
-        key = keys.pop()
-        return methods.get(first.method).train_view(self.banks[key], {u: self.slots[u][key] for u in users}, mods)
+        each user's slot, reads of their current modules (see methods.base.TrainView). The trainer's fast
+        path: it changes the bank in place, so nothing else may change these users while it trains, and
+        nothing here evicts (no capacity, or capacity >= users)."""
+        with self.lock:
+            slots, mods = self.residency.device_slots(), {}
+            for u in users:
+                held = self.residency.held(u)
+                if u not in slots:
+                    raise RuntimeError(f"train_view: user {u!r} is not resident (capacity {self.capacity})")
+                if len(held) != 1:
+                    raise ValueError(f"train_view: user {u!r} has {len(held)} modules; training takes one each")
+                mods[u] = held[0]
+            kinds = {m.method for m in mods.values()}
+            if len(kinds) != 1:
+                raise ValueError(f"train_view: users of one method per call (they share one bank), got {sorted(kinds)}")
+            method = methods.get(kinds.pop())
+            keys = {method.bank_key(m) for m in mods.values()}
+            if len(keys) != 1:
+                raise ValueError(f"train_view: the users' modules sit in different banks {sorted(keys)}")
+            key = keys.pop()
+            return method.train_view(self.banks[key], {u: slots[u][key] for u in users}, mods)
 
 
 class _Ops(dict):
@@ -245,9 +222,10 @@ class PeftBatch:
     rows, prompt and prefix widths, masks and position shifts) is planned here once, on the host where cheap,
     and moved to the device once: a generated token reuses it and makes no host sync."""
 
-    def __init__(self, engine: Engine, meta: BatchMeta, residency: dict[str, int]):
-        self.engine, self.meta = engine, meta
-        self._residency, self._version = residency, engine.version
+    def __init__(self, engine: Engine, meta: BatchMeta, rows: list[str | None], pinned: dict[str, tuple[int, int]]):
+        """Built by Engine.batch under the residency's lock; planning reads the banks and changes nothing."""
+        self.engine, self.meta, self.rows = engine, meta, rows
+        self._pinned, self._changes = pinned, engine.residency.changes
         self.op = _Ops(engine.backend)
         banks = sorted((engine.banks[k] for k in meta.slots), key=lambda b: (b.order, b.key))
         hooked = lambda h: [b for b in banks if h in b.hooks]  # noqa: E731
@@ -259,18 +237,31 @@ class PeftBatch:
             self.plans[b.key] = b.plan(self)
         self.scratch: dict = {}  # a group's outputs computed with its first site, for the others (q -> k, v)
 
+    @property
+    def versions(self) -> dict[str, int]:
+        """user -> the version this handle serves (Engine.version at the time it was built)."""
+        return {u: ver for u, (_, ver) in self._pinned.items()}
+
+    @contextmanager
+    def hold(self, rows: int):
+        """What the model's entry points run under: the engine's lock (no registry change can interleave with
+        the forward, and no other forward with this handle's scratch), after `check`."""
+        with self.engine.lock:
+            self.check(rows)
+            yield self
+
     def check(self, rows: int) -> None:
-        """Called by the model's entry points: the input must have this handle's rows, and every user of the
-        handle must still sit in the slots it was built with (cheap unless some user left its slots)."""
+        """The input must have this handle's rows, and every user of the handle must still sit in the slots it
+        was built with (a counter compare unless some user left its slots). Call with the lock held."""
         if rows != self.meta.batch_size:
             raise ValueError(f"batch handle was built for {self.meta.batch_size} rows, the input has {rows}")
-        eng = self.engine
-        if eng.version != self._version:
-            for u, tok in self._residency.items():
-                if eng.residency.get(u) != tok:
+        res = self.engine.residency
+        if res.changes != self._changes:
+            for u, (tok, _) in self._pinned.items():
+                if res.token(u) != tok:
                     raise StaleBatchError(f"batch handle is stale: user {u!r} was removed, replaced or evicted "
                                           f"after Engine.batch() built it; build a new handle")
-            self._version = eng.version
+            self._changes = res.changes
 
     def linear(self, site: str, x, weight):
         done = self.scratch.get("group")

@@ -1,6 +1,7 @@
 """User ids and the folder names they map to.
 
-Any non-empty string is a valid user id. On disk an id becomes one folder name that cannot name anything
+Any non-empty string of valid Unicode is a user id (a lone surrogate, which no file, JSON text or HTTP
+request can carry as text, is refused). On disk an id becomes one folder name that cannot name anything
 but a child of its store: bytes outside [a-z0-9_-] are written as %xx (lowercase hex, so two ids never map
 to names that a case-insensitive file system would confuse), which leaves no '/', '.', '..' or NUL. An
 encoding too long for a file name keeps a readable head and a SHA-256 of the whole id after '~' (a
@@ -20,6 +21,10 @@ def check_id(user, what: str = "user id") -> str:
         raise TypeError(f"{what} must be a str, got {type(user).__name__} {user!r}")
     if not user:
         raise ValueError(f"{what} must be a non-empty string")
+    try:
+        user.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"{what} {user!r} is not valid Unicode (a lone surrogate at index {e.start})") from None
     return user
 
 

@@ -48,8 +48,10 @@ def save_user(folder, modules: list[UserModule], user: str | None = None) -> Non
         for m in modules:
             name = f"{m.method}.{tag}.safetensors"
             written.append(folder / name)
-            save_tensors(folder / name, m.tensors, {"method": m.method, "config": json.dumps(m.config),
-                                                    "format": "peftu-1"})
+            meta = {"method": m.method, "config": json.dumps(m.config), "format": "peftu-1"}
+            if user is not None:
+                meta["user"] = user  # each file says whose it is: a manifest edited by hand cannot lend it
+            save_tensors(folder / name, m.tensors, meta)
             files[m.method] = name
         save_json(folder / MANIFEST, {"format": FORMAT, "user": user, "files": files})  # the commit point
     except BaseException:
@@ -70,13 +72,18 @@ def _clean(folder: Path, keep: set[str]) -> None:
         fsync_dir(folder)
 
 
-def load_module(path) -> UserModule:
+def load_module(path, user: str | None = None) -> UserModule:
+    """A module file; with `user`, a file that names another user is refused (files from before users were
+    recorded in them name none)."""
     path = Path(path)
     tensors = load_tensors(path)  # names the file if missing or corrupt
     with safe_open(str(path), "pt") as f:
         meta = f.metadata() or {}
     if meta.get("format") != "peftu-1" or meta.get("method") not in methods.names():
         raise ValueError(f"{path}: not a peftu module file (metadata {meta})")
+    owner = meta.get("user")
+    if user is not None and owner is not None and owner != user:
+        raise ValueError(f"{path}: belongs to user {owner!r}, not {user!r} (refused)")
     try:
         config = json.loads(meta.get("config", "{}"))
     except json.JSONDecodeError as e:
@@ -102,17 +109,26 @@ def read_manifest(folder) -> dict | None:
     return man
 
 
-def load_user(folder) -> list[UserModule]:
+def load_user(folder, user: str | None = None) -> list[UserModule]:
+    """The folder's set. With `user` (or a user named in the manifest), the manifest and every file must name
+    that user: a manifest or file edited, corrupted or copied from another folder never loads as this one."""
     folder = Path(folder)
     man = read_manifest(folder)
+    if man is not None:
+        owner = man.get("user")
+        if owner is not None and not isinstance(owner, str):
+            raise ValueError(f"{folder / MANIFEST}: 'user' must be a string, got {owner!r}")
+        if user is not None and owner is not None and owner != user:
+            raise ValueError(f"{folder / MANIFEST}: holds user {owner!r}, not {user!r}")
+        user = user if user is not None else owner
     if man is None:  # written before manifests: every module file in the folder
         files = sorted(f for f in folder.glob("*.safetensors") if f.stem in methods.names())
         if not files:
             raise FileNotFoundError(f"{folder}: no {MANIFEST} and no module files (*.safetensors)")
-        return [load_module(f) for f in files]
+        return [load_module(f, user) for f in files]
     out = []
     for method, name in sorted(man["files"].items()):
-        m = load_module(folder / name)
+        m = load_module(folder / name, user)
         if m.method != method:
             raise ValueError(f"{folder / name}: holds a {m.method} module, the manifest says {method}")
         out.append(m)
@@ -139,11 +155,7 @@ class UserStore:
         save_user(self.path(user), modules, user)
 
     def load(self, user: str) -> list[UserModule]:
-        p = self.path(user)
-        man = read_manifest(p)
-        if man is not None and man.get("user") not in (None, user):
-            raise ValueError(f"{p}: holds user {man.get('user')!r}, not {user!r}")
-        return load_user(p)
+        return load_user(self.path(user), user)
 
     def has(self, user: str) -> bool:
         return (self.path(user) / MANIFEST).is_file()

@@ -8,6 +8,9 @@ from __future__ import annotations
 import importlib
 import pkgutil
 
+import torch
+
+from ..modules import UserModule
 from .base import Bank, Method, TrainView
 
 _REGISTRY: dict[str, Method] = {}
@@ -27,6 +30,24 @@ def get(name: str) -> Method:
     return m
 
 
+def validate(mod: UserModule, model, where: str = "module") -> None:
+    """Raise ValueError naming what does not fit `model`; nothing is changed."""
+    def fail(msg):
+        raise ValueError(f"{where}: {msg}")
+    if not isinstance(mod.method, str) or mod.method not in _REGISTRY:
+        fail(f"unknown method {mod.method!r}; known: {names()}")
+    if not isinstance(mod.tensors, dict) or not mod.tensors:
+        fail("has no tensors")
+    if not isinstance(mod.config, dict):
+        fail(f"config must be a dict, got {type(mod.config).__name__}")
+    for k, t in mod.tensors.items():
+        if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+            raise ValueError(f"{where}.{k}: must be a floating-point tensor, got {getattr(t, 'dtype', type(t))}")
+        if not torch.isfinite(t).all():
+            raise ValueError(f"{where}.{k}: contains NaN or Inf values")
+    get(mod.method).check(mod, model, fail)
+
+
 def all_methods() -> list[Method]:
     return sorted(_REGISTRY.values(), key=lambda m: (m.position, m.name))
 
@@ -39,4 +60,4 @@ for _m in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
     if _m.name != "base":
         importlib.import_module(f"{__name__}.{_m.name}")
 
-__all__ = ["Bank", "Method", "TrainView", "register", "get", "names", "all_methods"]
+__all__ = ["Bank", "Method", "TrainView", "register", "get", "names", "all_methods", "validate"]

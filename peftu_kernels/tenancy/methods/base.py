@@ -6,14 +6,9 @@ to 1, prompts and prefixes are right-aligned with a length per slot (the rest ma
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 
 from ..modules import UserModule
-
-if TYPE_CHECKING:
-    from ..engine import PeftBatch
 
 
 def pad(t: torch.Tensor, dim: int, size: int, fill: float = 0.0) -> torch.Tensor:
@@ -97,10 +92,10 @@ class Bank:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for g in self.sites.values() for t in g.values())
 
-    def plan(self, pb: "PeftBatch"):
+    def plan(self, pb: "tenancy.PeftBatch"):
         return None
 
-    def slots_of(self, pb: "PeftBatch"):
+    def slots_of(self, pb: "tenancy.PeftBatch"):
         """This bank's (slots, segments) in the batch."""
         return pb.meta.slots[self.key], pb.meta.segments[self.key]
 
@@ -184,6 +179,11 @@ class Method:
 
     def train_view(self, bank: Bank, slots: dict[str, int], init: dict[str, UserModule]) -> TrainView:
         return TrainView(bank, slots, init)
+
+    def needs(self, mod: UserModule) -> dict[str, int]:
+        """What serving this module costs beyond its weights, for schedulers and limits that must not know
+        methods by name: "virtual_tokens" (encoder columns it prepends), "prefix" (attention keys it adds)."""
+        return {}
 
     def served_tensors(self, mod: UserModule) -> list[torch.Tensor]:
         """The tensors serving reads (P-tuning's encoder is training-only)."""

@@ -132,6 +132,9 @@ class Prefix(Method):
     peft_types = ("PREFIX_TUNING",)
     adapterhub = ("prefix_tuning",)
 
+    def needs(self, mod):
+        return {"prefix": max(t.shape[1] for t in mod.tensors.values())}
+
     def check(self, mod, model, fail):
         cfg = model.cfg
         for k in mod.tensors:

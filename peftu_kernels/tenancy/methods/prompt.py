@@ -98,6 +98,9 @@ class Prompt(Method):
             fm.bad(folder, f"needs prompt_embeddings with >= num_virtual_tokens={n} rows")
         return UserModule(self.name, {"prompt": p[:n].clone()}, {"num_virtual_tokens": n, "peft_type": cfg["peft_type"]})
 
+    def needs(self, mod):
+        return {"virtual_tokens": mod.tensors["prompt"].shape[0]}
+
     def served_tensors(self, mod):  # a P-tuning encoder is for training only
         return [t for k, t in mod.tensors.items() if not k.startswith("prompt_encoder.")]
 
