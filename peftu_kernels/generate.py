@@ -6,12 +6,38 @@ import torch
 from .t5 import T5
 
 
+class NonFiniteRowsError(RuntimeError):
+    """Rows whose logits were not all finite (a module whose weights are finite but overflow in the forward):
+    those rows have no answer. `rows` (indices), `users` (their users, None = base model) name them; `result`
+    is the whole output, every other row served as usual, the flagged rows filled with pad (greedy) or NaN
+    (score_labels)."""
+
+    def __init__(self, rows: list[int], users: list, result: torch.Tensor):
+        self.rows, self.users, self.result = rows, users, result
+        named = ", ".join(f"row {r} (user {u!r})" for r, u in zip(rows[:8], users[:8]))
+        more = f" and {len(rows) - 8} more" if len(rows) > 8 else ""
+        super().__init__(f"logits are not finite for {named}{more}: their modules overflow in the forward; "
+                         f"the other rows are in .result")
+
+
+def _finite_or_raise(bad: torch.Tensor, result: torch.Tensor, fill, peft) -> torch.Tensor:
+    """One host sync per call: raise NonFiniteRowsError for the rows flagged in `bad` (B,) bool."""
+    if not bool(bad.any()):
+        return result
+    rows = bad.nonzero().flatten().tolist()
+    who = getattr(peft, "rows", None)
+    result = result.clone()
+    result[bad] = fill
+    raise NonFiniteRowsError(rows, [who[r] if who is not None else None for r in rows], result)
+
+
 @torch.no_grad()
 def greedy(model: T5, input_ids, attention_mask=None, max_new_tokens: int = 16, peft=None,
            stop_at_eos: bool = True) -> torch.Tensor:
     """New tokens (B, <= max_new_tokens), pad after each row's EOS, as HF's greedy `generate` gives them
     (without the start token). Cross-attention keys/values are computed once per request. stop_at_eos=False
-    always runs max_new_tokens steps (fixed work, for timing)."""
+    always runs max_new_tokens steps (fixed work, for timing). Rows whose logits are not finite at any step
+    raise NonFiniteRowsError (naming them and their users) with every other row's tokens in its `result`."""
     cfg = model.cfg
     if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
@@ -20,16 +46,18 @@ def greedy(model: T5, input_ids, attention_mask=None, max_new_tokens: int = 16, 
     B = input_ids.shape[0]
     tok = torch.full((B, 1), cfg.decoder_start_token_id, dtype=torch.long, device=input_ids.device)
     done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
+    bad = torch.zeros_like(done)  # on the device: the check costs no sync per step
     out = []
     for _ in range(max_new_tokens):
-        nxt = model.decode(tok, enc, mask, peft, cache)[:, -1].argmax(-1)
-        nxt = nxt.masked_fill(done, cfg.pad_token_id)
+        logits = model.decode(tok, enc, mask, peft, cache)[:, -1]
+        bad |= ~torch.isfinite(logits).all(-1)
+        nxt = logits.argmax(-1).masked_fill(done, cfg.pad_token_id)
         out.append(nxt)
         done |= nxt == cfg.eos_token_id
         if stop_at_eos and bool(done.all()):
             break
         tok = nxt[:, None]
-    return torch.stack(out, 1)
+    return _finite_or_raise(bad, torch.stack(out, 1), cfg.pad_token_id, peft)
 
 
 def check_labels(labels, vocab_size: int) -> None:
@@ -63,15 +91,17 @@ def pack_labels(labels: list[list[int]], device=None):
 @torch.no_grad()
 def score_labels(model: T5, input_ids, attention_mask, labels: list[list[int]], peft=None) -> torch.Tensor:
     """(B, C) log-likelihood of each candidate label (token ids, EOS included if given) for each row.
-    All candidates share one decoder pass per row: no copies of the encoder output."""
+    All candidates share one decoder pass per row: no copies of the encoder output. Rows whose logits are not
+    finite raise NonFiniteRowsError, with every other row's scores in its `result`."""
     check_labels(labels, model.cfg.vocab_size)
     enc, mask = model.encode(input_ids, attention_mask, peft)
     return score_encoded(model, enc, mask, labels, peft)
 
 
 @torch.no_grad()
-def score_encoded(model: T5, enc, mask, labels: list[list[int]], peft=None) -> torch.Tensor:
-    """score_labels from an encoder output (the serving engine encodes once for every kind of request)."""
+def score_encoded(model: T5, enc, mask, labels: list[list[int]], peft=None, check_finite: bool = True) -> torch.Tensor:
+    """score_labels from an encoder output (the serving engine encodes once for every kind of request);
+    check_finite=False leaves non-finite rows as NaN for a caller that fails them itself."""
     cfg = model.cfg
     tgt, local, allowed = pack_labels(labels, enc.device)
     C, L = tgt.shape
@@ -80,7 +110,8 @@ def score_encoded(model: T5, enc, mask, labels: list[list[int]], peft=None) -> t
     dec_in[:, 1:] = tgt[:, :-1].clamp(min=0)
     B = enc.shape[0]
     logits = model.decode(dec_in.reshape(1, -1).expand(B, -1), enc, mask, peft, positions=local, allowed=allowed)
+    bad = ~torch.isfinite(logits).flatten(1).all(1)
     logp = torch.log_softmax(logits.float(), -1).view(B, C, L, -1)
     t = tgt.clamp(min=0)[None, :, :, None].expand(B, C, L, 1)
     tok = logp.gather(-1, t).squeeze(-1) * (tgt != -100)
-    return tok.sum(-1)
+    return _finite_or_raise(bad, tok.sum(-1), float("nan"), peft) if check_finite else tok.sum(-1)

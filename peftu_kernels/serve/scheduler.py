@@ -28,7 +28,7 @@ from typing import Callable
 import torch
 
 from ..generate import check_labels, score_encoded
-from ..t5 import T5, mask_to_bias, relative_bucket
+from ..t5 import T5, held, mask_to_bias, relative_bucket
 from ..tenancy import Engine
 from .adapters import AdapterStore
 from .kv import KVPool, RowCache
@@ -329,8 +329,12 @@ class ServingEngine:
             users = [reqs[i].user for i in rows]
             sub = self.engine.batch(users) if any(u is not None for u in users) else None
             sel = torch.tensor(rows, device=enc.device)
-            sc = score_encoded(self.model, enc[sel], emask[sel], [list(x) for x in labels], sub)
+            sc = score_encoded(self.model, enc[sel], emask[sel], [list(x) for x in labels], sub, check_finite=False)
             for j, i in enumerate(rows):
+                if not torch.isfinite(sc[j]).all():  # this row's adapter overflows: it fails alone
+                    self._finish(reqs[i], "error", f"user {reqs[i].user!r}: logits are not finite (the adapter "
+                                                   f"overflows)")
+                    continue
                 reqs[i].scores = sc[j].tolist()
                 reqs[i].times["first_token"] = time.perf_counter()
                 self._finish(reqs[i], "scored")
@@ -391,14 +395,20 @@ class ServingEngine:
         bias = pb.to(dt) + mask_to_bias(allow[:, None, None, :], dt)
         cross_bias = mask_to_bias(pool.cross_mask[rows, :W][:, None, None, :], dt)
         x = m.shared(torch.tensor([[a.last] for a in act], device=dev))
-        for i, blk in enumerate(m.decoder.block):
-            cache = RowCache(pool, i, rows, qpos, T)
-            cross = (pool.cross_k[i][rows, :, :W], pool.cross_v[i][rows, :, :W])
-            x = blk(x, bias, peft, cross, cross_bias, cache, 0)
-        nxt = m.head(x)[:, -1].argmax(-1).tolist()
+        with held(peft, len(act)):  # the engine's lock: no registry change interleaves with the step
+            for i, blk in enumerate(m.decoder.block):
+                cache = RowCache(pool, i, rows, qpos, T)
+                cross = (pool.cross_k[i][rows, :, :W], pool.cross_v[i][rows, :, :W])
+                x = blk(x, bias, peft, cross, cross_bias, cache, 0)
+            logits = m.head(x)[:, -1]
+        finite = torch.isfinite(logits).all(-1).tolist()
+        nxt = logits.argmax(-1).tolist()
         now = time.perf_counter()
         self.stats["tokens"] += len(act)
-        for a, tok in zip(list(act), nxt):
+        for a, tok, ok in zip(list(act), nxt, finite):
+            if not ok:  # this row's adapter overflows: it fails alone
+                self._retire(a, "error", f"user {a.req.user!r}: logits are not finite (the adapter overflows)")
+                continue
             a.req.tokens.append(tok)
             a.req.times.setdefault("first_token", now)
             a.t += 1
