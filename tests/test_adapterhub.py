@@ -102,6 +102,27 @@ def test_round_trip_gives_identical_tensors(world, tmp_path, name):
         assert torch.equal(again.tensors[k], mod.tensors[k]), k
 
 
+def test_an_rslora_user_keeps_its_scale_through_adapterhub(world, tmp_path):
+    """AdapterHub scales by alpha / r and has no rsLoRA flag: the export folds alpha / sqrt(r) into alpha, so the
+    user read back serves what it served (and what a LoRA of alpha / r would not)."""
+    from peftu_kernels.tenancy.methods.lora import lora_scale
+    model, _, eng, _ = world
+    mod = eng.modules("lora")[0]
+    mod.config.update(use_rslora=True, r=4, alpha=8)
+    mod.tensors = {k: (v[:4] if k.endswith("lora_A") else v[:, :4]).clone() for k, v in mod.tensors.items()}
+    export_adapterhub(mod, tmp_path / "rs", model, name="rs")
+    again = import_adapterhub(tmp_path / "rs", model)
+    assert lora_scale(again.config) == pytest.approx(8 / 4 ** 0.5) != 8 / 4
+    ids = torch.randint(3, model.cfg.vocab_size, (2, 5), generator=torch.Generator().manual_seed(0))
+    outs = []
+    for m in (mod, again):
+        e = Engine(model, backend="reference")
+        e.register("u", m)
+        with torch.no_grad():
+            outs.append(model(ids, ids[:, :3], peft=e.batch(["u", "u"])))
+    torch.testing.assert_close(outs[1], outs[0], **TOL)
+
+
 @pytest.mark.parametrize("change,message", [
     ({"model_type": "bart"}, "model_type 'bart'"),
     ({"config": {"architecture": "union"}}, "architecture 'union'"),

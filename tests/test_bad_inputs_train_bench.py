@@ -134,3 +134,49 @@ def test_a_truncated_part_is_run_again(tmp_path, capsys):
     assert _read_part(p, "k") is None and "run again" in capsys.readouterr().out
     p.write_text(json.dumps({"run_key": "k", "row": {"accuracy": 1}}))
     assert _read_part(p, "k") == {"accuracy": 1} and _read_part(p, "other") is None
+
+
+def _spoil_gzip_text(path, edit):
+    path.write_bytes(gzip.compress(edit(gzip.decompress(path.read_bytes()).decode()).encode()))
+
+
+def _extra_field(text):
+    lines = text.splitlines()
+    lines[3] += ",extra"
+    return "\n".join(lines)
+
+
+SPOILS = {  # corruption -> (task, file under the data root, how, words the error must hold besides the file)
+    "truncated gzip": ("tweeteval", "peftu/raw/tweeteval/annotations_g3.csv.gz",
+                       lambda p: p.write_bytes(p.read_bytes()[: p.stat().st_size // 2]), "end-of-stream"),
+    "bit-flipped body": ("tweeteval", "peftu/raw/tweeteval/annotations_g3.csv.gz",
+                         lambda p: p.write_bytes(bytes(b ^ (0xFF if i == p.stat().st_size // 2 else 0)
+                                                       for i, b in enumerate(p.read_bytes()))), "unreadable"),
+    "CSV row with an extra field": ("tweeteval", "peftu/raw/tweeteval/annotations_g3.csv.gz",
+                                    lambda p: _spoil_gzip_text(p, _extra_field), "has 23 fields, the header has 22"),
+    "JSON item missing a field": ("hs_brexit", "lewidi/raw/HS-Brexit/HS-Brexit_train.json.gz",
+                                  lambda p: _spoil_gzip_text(p, lambda t: t.replace('"annotators"', '"annotatorz"', 1)),
+                                  "['annotators'] missing"),
+}
+
+
+@pytest.mark.parametrize("spoil", list(SPOILS))
+def test_a_corrupt_file_names_its_task_file_and_problem_and_costs_only_its_task(tmp_path, spoil):
+    from bench_suite.data import DataError, available
+    from bench_suite.data.core import data_root
+    from bench_suite.data.fetch import missing_table
+    task, rel, how, words = SPOILS[spoil]
+    for sub in ("peftu/raw/tweeteval", "peftu/raw/goemotion", "lewidi/raw/HS-Brexit"):
+        if not (data_root() / sub).is_dir():
+            pytest.skip(f"shared data not found at {data_root() / sub}")
+        shutil.copytree(data_root() / sub, tmp_path / sub)
+        for f in (tmp_path / sub).iterdir():
+            f.chmod(0o644)
+    how(tmp_path / rel)
+    got = available(tmp_path, ["tweeteval", "goemotion", "hs_brexit"])
+    assert isinstance(got[task], DataError), got[task]
+    assert str(tmp_path / rel) in str(got[task]) and words in str(got[task]), str(got[task])
+    table = missing_table(got, tmp_path)
+    row = next(line for line in table.splitlines() if line.startswith(f"| {task} |"))
+    assert "corrupt" in row and str(tmp_path / rel) in row and words in row, row
+    assert all(not isinstance(t, Exception) for n, t in got.items() if n != task)  # the others still load

@@ -57,7 +57,11 @@ def drive(model, ids, dec, oracle, eng, seed, steps, truth, errors, served):
                 while len(distinct) > 2:  # the device capacity
                     distinct.pop()
                 rows = [x if x in distinct else None for x in rows]
-                h = eng.batch(rows)
+                if rng.random() < 0.5:  # batch + serve as one atomic step: never stale
+                    with eng.lock:
+                        check(model, ids, dec, oracle, eng.batch(rows), rows, truth, errors, served, rng.random() < 0.3)
+                    continue
+                h = eng.batch(rows)  # other threads may change its users before it serves
                 if rng.random() < 0.3:
                     kept.append((h, rows))
                 if kept and rng.random() < 0.3:
@@ -92,14 +96,15 @@ def test_threads_never_serve_another_users_weights(world, tmp_path):
     for i, u in enumerate(USERS):
         spec = (KINDS[i % len(KINDS)], i % 3)
         truth[u, eng.register(u, make(model.cfg, *spec))] = spec
-    threads = [threading.Thread(target=drive, args=(model, ids, dec, oracle, eng, s, 60, truth, errors, served))
+    threads = [threading.Thread(target=drive, args=(model, ids, dec, oracle, eng, s, 80, truth, errors, served))
                for s in range(4)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
     assert not errors, f"{len(errors)} failures, first: {errors[:3]}"
-    assert len([u for u in served if u is not None]) > 50, "too few rows served to say anything"
+    n = len([u for u in served if u is not None])
+    assert n > 60, f"too few rows served ({n}) to say anything"
     tiers = eng.users
     assert len(eng.slots) <= 2 and sum(t != "disk" for t in tiers.values()) <= 3
 

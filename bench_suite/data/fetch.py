@@ -179,9 +179,10 @@ def missing_table(loaded: dict, root, verbose: bool = False) -> str:
     bad = {n: e for n, e in loaded.items() if isinstance(e, (MissingData, DataError))}
     if not bad:
         return ""
-    lines = ["| task | state | what is missing |", "|---|---|---|"]
+    lines = ["| task | state | what is missing or wrong |", "|---|---|---|"]
     for n, e in bad.items():
-        what = ", ".join(getattr(e, "files", [])) if isinstance(e, MissingData) else str(e).split(":")[0]
+        # a corrupt file: its path and the problem (DataError names both), so the run says which file to replace
+        what = ", ".join(getattr(e, "files", [])) if isinstance(e, MissingData) else str(e).replace("|", "/")
         lines.append(f"| {n} | {'missing' if isinstance(e, MissingData) else 'corrupt'} | {what} |")
     some = f" --tasks {','.join(bad)}" if len(bad) < len(ALL_TASKS) else ""
     lines.append(f"\nget them with: python -m bench_suite.data fetch --data-dir {root}{some}"

@@ -43,12 +43,12 @@ def load(name: str, root: Path) -> Task:
     for f in files:
         split = f.name.split("_")[-1].split(".")[0]
         for item_id, item in load_json(f).items():
-            try:
-                anns = item["annotations"].split(",")
-                who = item["annotators"].split(",")
-                raw = item["text"]
-            except (KeyError, AttributeError):
-                raise DataError(f"{f}: item {item_id}: needs text, annotations and annotators") from None
+            bad = [k for k in ("text", "annotations", "annotators")
+                   if not isinstance(item, dict) or not isinstance(item.get(k), str)]
+            if bad:
+                raise DataError(f"{f}: item {item_id}: field(s) {bad} missing or not text (each item needs text, "
+                                f"annotations and annotators)")
+            anns, who, raw = item["annotations"].split(","), item["annotators"].split(","), item["text"]
             if len(anns) != len(who):
                 raise DataError(f"{f}: item {item_id}: {len(anns)} annotations but {len(who)} annotators")
             text = _text(ds, raw)

@@ -221,8 +221,11 @@ class LoRA(Method):
 
     def to_adapterhub(self, mod, model, name):
         ks = mod.tensors
-        cfg = {**AH_DEFAULTS, "architecture": "lora", "composition_mode": "add", "r": mod.config["r"],
-               "alpha": mod.config.get("alpha", mod.config["r"]), "selfattn_lora": True, "dropout": 0.0,
+        # AdapterHub scales by alpha / r and has no rsLoRA: an rsLoRA user's alpha / sqrt(r) goes into alpha
+        r = mod.config["r"]
+        cfg = {**AH_DEFAULTS, "architecture": "lora", "composition_mode": "add", "r": r,
+               "alpha": lora_scale(mod.config) * r if mod.config.get("use_rslora") else mod.config.get("alpha", r),
+               "selfattn_lora": True, "dropout": 0.0,
                "attn_matrices": sorted({k.rsplit(".", 2)[1] for k in ks if ".SelfAttention." in k
                                         or ".EncDecAttention." in k}),
                "intermediate_lora": any(".wi" in k for k in ks), "output_lora": any(".wo." in k for k in ks),
