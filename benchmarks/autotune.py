@@ -8,7 +8,6 @@ is checked against the reference first, then timed; the fastest is kept. Commit 
 from __future__ import annotations
 
 import argparse
-import itertools
 import math
 
 import torch
@@ -18,13 +17,6 @@ from peftu_kernels.config import T5Config
 from peftu_kernels.ops import reference as R
 from peftu_kernels.ops.segments import make_segments
 from peftu_kernels.triton import configs, sgmv
-
-
-def candidates(K: int, quick: bool = False):
-    splits = [1, 2] if quick else [1, 2, 4, 8]
-    for grouped, split, bn in itertools.product([True, False], splits, [16, 32] if quick else [32, 64, 128, 256]):
-        if K // split >= 16:
-            yield dict(grouped=grouped, split_k=split, BLOCK_K=16 if quick else 64, BLOCK_N=bn, num_warps=1 if quick else 4)
 
 
 def tune(points, device, dtype, timer=None, quick=False) -> tuple[dict, list]:
@@ -41,7 +33,7 @@ def tune(points, device, dtype, timer=None, quick=False) -> tuple[dict, list]:
         scale, rank = torch.full((S,), 2.0, device=device), torch.full((S,), r, device=device)
         ref = R.lora(y.float(), x.float(), A.float(), Bw.float(), scale, slots)
         timed = []
-        for cfg in candidates(K, quick):
+        for cfg in configs.candidates(K, quick):
             got = sgmv.lora_decode_(y.clone(), x, A, Bw, scale, slots, rank, seg, cfg)
             torch.testing.assert_close(got.float(), ref, rtol=3e-2, atol=3e-2)  # a wrong config never wins
             timed.append((timer(lambda c=cfg: sgmv.lora_decode_(y.clone(), x, A, Bw, scale, slots, rank, seg, c)), cfg))

@@ -1,12 +1,13 @@
 """Launch configs: a heuristic per op and shape, overridden by autotuned entries cached per GPU name.
 
-`python -m benchmarks.ops --autotune` times each candidate on the card it runs on and writes
+`python -m benchmarks.autotune` times each of `candidates()` on the card it runs on and writes
 `tuned/<gpu name>.json` beside this file (commit it: the next run on that kind of card reads it). Keys bucket
 the sizes that matter (rows to a power of two, K / N / R exact), so a decode step of 48 rows uses the entry
 tuned for 64. Under the interpreter every config is the smallest one (a correctness run, not a speed).
 """
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import re
@@ -44,6 +45,23 @@ def key(op: str, rows: int, K: int, N: int, R: int, grouped: bool) -> str:
     return f"{op}:rows{triton.next_power_of_2(max(rows, 1))}:K{K}:N{N}:R{R}:{'sgmv' if grouped else 'bgmv'}"
 
 
+def gpu_name(t) -> str | None:
+    """The name of the card holding tensor `t` (the tuned file's key), None off a GPU."""
+    if getattr(t, "is_cuda", False):
+        import torch
+        return torch.cuda.get_device_name(t.device)
+    return None
+
+
+def candidates(K: int, quick: bool = False):
+    """The decode configs autotuning times (and the compile check builds): SGMV / BGMV, K splits, N blocks."""
+    splits = [1, 2] if quick else [1, 2, 4, 8]
+    for grouped, split, bn in itertools.product([True, False], splits, [16, 32] if quick else [32, 64, 128, 256]):
+        if K // split >= 16:
+            yield dict(grouped=grouped, split_k=split, BLOCK_K=16 if quick else 64, BLOCK_N=bn,
+                       num_warps=1 if quick else 4)
+
+
 def decode_config(rows: int, n_segments: int, K: int, N: int, R: int, gpu: str | None = None, sms: int | None = None):
     """Decode-shaped LoRA (one token per row): SGMV tiles when users repeat (rows of a user share one read of
     its A and B), BGMV (a program per row) when every row differs; split K (shrink) and N (expand) until the
@@ -51,7 +69,8 @@ def decode_config(rows: int, n_segments: int, K: int, N: int, R: int, gpu: str |
     grouped = rows >= 2 * max(n_segments, 1)
     tiles = (n_segments * 2 if grouped else rows) or 1  # about two tiles of 16 per user when grouped
     if INTERPRET:
-        return dict(grouped=grouped, split_k=2 if K > 32 else 1, BLOCK_K=16, BLOCK_N=16, num_warps=1)
+        cfg = dict(grouped=grouped, split_k=2 if K > 32 else 1, BLOCK_K=16, BLOCK_N=16, num_warps=1)
+        return _with_tuned(cfg, gpu, rows, K, N, R, grouped)
     target = 2 * (sms or sm_count())
     split_k = 1
     while tiles * split_k < target and K // (split_k * 2) >= 128:
@@ -60,6 +79,11 @@ def decode_config(rows: int, n_segments: int, K: int, N: int, R: int, gpu: str |
     while bn > 32 and tiles * triton.cdiv(N, bn) < target:
         bn //= 2
     cfg = dict(grouped=grouped, split_k=split_k, BLOCK_K=64 if K >= 64 else 32, BLOCK_N=bn, num_warps=4)
+    return _with_tuned(cfg, gpu, rows, K, N, R, grouped)
+
+
+def _with_tuned(cfg: dict, gpu, rows, K, N, R, grouped) -> dict:
+    """The GPU's tuned entry for this shape, where its file has one, over the heuristic's config."""
     if gpu:
         cfg.update(_tuned(gpu).get(key("lora_decode", rows, K, N, R, grouped), {}))
     return cfg

@@ -12,7 +12,7 @@ from ..ops import reference
 from . import lora as _lo
 from . import sgmv
 from .autograd import _needs_grad, _rank
-from .configs import decode_config
+from .configs import decode_config, gpu_name
 
 
 def lora_shrink(x, A, scale, slots, rank=None, seg=None):
@@ -22,7 +22,7 @@ def lora_shrink(x, A, scale, slots, rank=None, seg=None):
     if sgmv.decode_shaped(x, seg):
         if seg.n_active == 0:
             return torch.zeros(x.shape[0], 1, A.shape[1], dtype=torch.float32, device=x.device)
-        cfg = decode_config(seg.n_active, int(seg.slot.numel()), A.shape[2], A.shape[1], A.shape[1])
+        cfg = decode_config(seg.n_active, int(seg.slot.numel()), A.shape[2], A.shape[1], A.shape[1], gpu_name(x))
         hp = sgmv.shrink(x, A, scale, slots, rank, seg, cfg)
         return (hp.sum(0) if hp.shape[0] > 1 else hp[0])[:, None, :]
     return _lo.shrink(x, A, slots.contiguous(), rank, scale, zero=False)
@@ -35,7 +35,7 @@ def lora_expand(y, h, B, slots, rank=None, seg=None):
     if sgmv.decode_shaped(y, seg):
         if seg.n_active == 0:
             return y
-        cfg = decode_config(seg.n_active, int(seg.slot.numel()), B.shape[2], B.shape[1], B.shape[2])
+        cfg = decode_config(seg.n_active, int(seg.slot.numel()), B.shape[2], B.shape[1], B.shape[2], gpu_name(y))
         return sgmv.expand_(y, h[:, 0][None], B, slots, rank, seg, cfg)
     return _lo.expand_(y, h, B, slots.contiguous(), rank)
 

@@ -22,7 +22,7 @@ import triton.language as tl
 
 from .. import activations
 from .adapter import _act
-from .configs import INTERPRET, decode_config
+from .configs import INTERPRET, decode_config, gpu_name
 from .lora import _block_r, _check, _dot
 
 
@@ -128,8 +128,7 @@ def _tiles(seg, cfg):
 
 def _config(x, A, N, seg, cfg):
     S, R, K = A.shape
-    return cfg or decode_config(seg.n_active, int(seg.slot.numel()), K, N, R, torch.cuda.get_device_name(x.device)
-                                if x.is_cuda else None)
+    return cfg or decode_config(seg.n_active, int(seg.slot.numel()), K, N, R, gpu_name(x))
 
 
 def shrink(x, A, scale, slots, rank, seg, cfg) -> torch.Tensor:

@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .configs import INTERPRET, decode_config
+from .configs import INTERPRET, decode_config, gpu_name
 from .lora import _block_r
 from .sgmv import _add_into, _tile_rows, _tiles, _times_b, decode_shaped
 
@@ -67,7 +67,7 @@ def lora_expand_group(ys, h, Bs, offsets, slots, ranks, seg=None):
     ys3, Bs3, rk3, off3 = list(ys) + [ys[0]] * (3 - n), list(Bs) + [Bs[0]] * (3 - n), list(ranks) + [ranks[0]] * (3 - n), \
         list(offsets) + [0] * (3 - n)
     R = max(B.shape[2] for B in Bs)
-    cfg = decode_config(seg.n_active, int(seg.slot.numel()), h.shape[2], max(B.shape[1] for B in Bs), R)
+    cfg = decode_config(seg.n_active, int(seg.slot.numel()), h.shape[2], max(B.shape[1] for B in Bs), R, gpu_name(h))
     rows, tslot, BR = _tiles(seg, cfg)
     bn = cfg["BLOCK_N"]
     nbs = [triton.cdiv(B.shape[1], bn) for B in Bs3[:n]] + [0] * (3 - n)
