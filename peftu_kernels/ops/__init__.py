@@ -19,6 +19,13 @@ _BACKENDS: dict[str, dict] = {"reference": {name: getattr(reference, name) for n
                                               "ia3_scale", "adapter", "prompt_prepend", "prefix_gather")}}
 _LOADERS = {"triton": "peftu_kernels.triton", "cuda": "peftu_kernels.cuda"}
 
+# The one rule on arguments, for every op and backend. An op named here may use that argument's storage for
+# its result when no gradient is wanted (the Triton and CUDA kernels add into the caller's fresh base output
+# instead of allocating one): callers pass a tensor they own there and never read it afterwards, on any
+# backend. Every other argument of every op is left exactly as it was. tests/test_op_contract.py runs each
+# registered op of each backend on inputs it then reuses (strided views included) against the reference.
+CONSUMES = {"lora": "y", "lora_expand": "y", "lora_expand_group": "ys", "dora": "y"}
+
 
 def names() -> tuple[str, ...]:
     """Every op with a reference (those a backend may implement)."""
