@@ -6,18 +6,7 @@
 // Rows with s < 0 (or s >= S: never past the bank) copy the residual. One block per token: down-projection by warps (16-byte loads),
 // activation, up-projection by threads, residual add, in one launch. out may alias residual.
 #include "common.cuh"
-
-__device__ __forceinline__ float act_fn(float z, int act) {
-  switch (act) {
-    case 1: return fmaxf(z, 0.f);                                             // relu
-    case 2: return z / (1.f + __expf(-z));                                    // silu / swish
-    case 3: return 0.5f * z * (1.f + erff(z * 0.70710678f));                  // gelu (erf)
-    case 4: return 0.5f * z * (1.f + tanhf(0.7978845608f * (z + 0.044715f * z * z * z)));  // gelu_new
-    case 5: return tanhf(z);                                                  // tanh
-    case 6: return 1.f / (1.f + __expf(-z));                                  // sigmoid
-    default: return z;                                                        // identity (0)
-  }
-}
+#include "activations.cuh"
 
 template <typename T>
 __global__ void adapter_kernel(const T* __restrict__ h, const T* residual, T* out, const T* __restrict__ down,
