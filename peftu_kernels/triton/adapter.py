@@ -93,13 +93,21 @@ def adapter_into(out, h, residual, down, down_bias, up, up_bias, act: str, slots
     if residual.shape != h.shape or out.shape != h.shape or slots.shape != (Bn,):
         raise ValueError(f"adapter: residual {tuple(residual.shape)}, out {tuple(out.shape)} and slots "
                          f"{tuple(slots.shape)} must match h {tuple(h.shape)} / (B,)")
-    bm = 16 if INTERPRET or L <= 16 else 32
+    c = dict(BLOCK_M=16, BLOCK_K=32, BLOCK_N=32) if INTERPRET else dict(BLOCK_M=16 if L <= 16 else 32, BLOCK_K=64,
+                                                                        BLOCK_N=64)
+    warps = 1
+    if not INTERPRET:  # the down tile (M, B), its operands and the up tile (M, N) within the register budget
+        from .configs import fit
+        c, warps = fit({**c, "B": _block_r(M)}, [("BLOCK_M", "B"), ("BLOCK_M", "BLOCK_K"), ("B", "BLOCK_K"),
+                                                ("BLOCK_M", "BLOCK_N"), ("B", "BLOCK_N")], ["BLOCK_K", "BLOCK_N", "BLOCK_M"],
+                       ieee=h.dtype == torch.float32)
+    bm = c["BLOCK_M"]
     grid = (Bn, triton.cdiv(L, bm))
     slots, down_bias, up_bias = slots.contiguous(), down_bias.contiguous(), up_bias.contiguous()  # stride-1 reads
     _adapter_kernel[grid](h, residual, out, down, down_bias, up, up_bias, slots, S, L, D, M, *h.stride(),
                           *residual.stride(), *out.stride(), *down.stride(), down_bias.stride(0), *up.stride(),
                           up_bias.stride(0), ACT=activations.code(act), COPY=out.data_ptr() != residual.data_ptr(),
                           IEEE=h.dtype == torch.float32,
-                          BLOCK_M=bm, BLOCK_B=_block_r(M), BLOCK_K=32 if INTERPRET else 64,
-                          BLOCK_N=32 if INTERPRET else 64, num_warps=1 if INTERPRET else 4)
+                          BLOCK_M=bm, BLOCK_B=_block_r(M), BLOCK_K=c["BLOCK_K"], BLOCK_N=c["BLOCK_N"],
+                          num_warps=warps)
     return out

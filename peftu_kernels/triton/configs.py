@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import os
 import re
 from functools import lru_cache
@@ -45,6 +46,31 @@ def key(op: str, rows: int, K: int, N: int, R: int, grouped: bool) -> str:
     return f"{op}:rows{triton.next_power_of_2(max(rows, 1))}:K{K}:N{N}:R{R}:{'sgmv' if grouped else 'bgmv'}"
 
 
+# fp32 values a thread may hold in a program's live tiles (accumulators and operand tiles): above it ptxas
+# spills (benchmarks.kernel_resources on sm_80 / sm_90: 48 a thread spilled with 16-bit tensor-core dots, 24-28
+# with fp32 ones, which Triton lowers to FMAs that keep far more live than the tiles). `fit` keeps every
+# heuristic config within it, half of it for fp32 (IEEE) dots; tests/test_kernel_compile.py checks the result.
+TILE_BUDGET = 32
+
+
+def fit(blocks: dict, tiles, shrink, warps: int = 4, ieee: bool = False) -> tuple[dict, int]:
+    """Block sizes and num_warps such that the program's live tiles (each a pair of block names or numbers,
+    e.g. ("BLOCK_M", "BLOCK_R")) hold at most TILE_BUDGET fp32 values a thread (half for fp32 dots, `ieee`):
+    first more warps (up to 8), then the blocks in `shrink` order are halved (never below 16). Returns
+    (blocks, num_warps)."""
+    b, budget = dict(blocks), TILE_BUDGET // 2 if ieee else TILE_BUDGET
+    live = lambda: sum(math.prod(b[d] if isinstance(d, str) else d for d in t) for t in tiles)  # noqa: E731
+    while live() > budget * 32 * warps:
+        if warps < 8:
+            warps *= 2
+            continue
+        d = next((d for d in shrink if b[d] > 16), None)
+        if d is None:
+            break
+        b[d] //= 2
+    return b, warps
+
+
 def gpu_name(t) -> str | None:
     """The name of the card holding tensor `t` (the tuned file's key), None off a GPU."""
     if getattr(t, "is_cuda", False):
@@ -78,7 +104,10 @@ def decode_config(rows: int, n_segments: int, K: int, N: int, R: int, gpu: str |
     bn = 128
     while bn > 32 and tiles * triton.cdiv(N, bn) < target:
         bn //= 2
-    cfg = dict(grouped=grouped, split_k=split_k, BLOCK_K=64 if K >= 64 else 32, BLOCK_N=bn, num_warps=4)
+    br, rr = (16 if grouped else 1), max(16, triton.next_power_of_2(R))
+    ks, w1 = fit({"BLOCK_K": 64 if K >= 64 else 32}, [(br, rr), (br, "BLOCK_K"), (rr, "BLOCK_K")], ["BLOCK_K"])
+    ns, w2 = fit({"BLOCK_N": bn}, [(br, "BLOCK_N"), (br, rr), (rr, "BLOCK_N")], ["BLOCK_N"])
+    cfg = dict(grouped=grouped, split_k=split_k, **ks, **ns, num_warps=max(w1, w2))  # shrink and expand share it
     return _with_tuned(cfg, gpu, rows, K, N, R, grouped)
 
 

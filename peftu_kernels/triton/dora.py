@@ -56,7 +56,7 @@ def dora_into(out, y, x, A, B, scale, gain, slots, rank=None) -> torch.Tensor:
     if rank is None:
         rank = torch.full((S,), R, dtype=torch.int64, device=x.device)
     slots, rank, scale = slots.contiguous(), rank.contiguous(), scale.float().contiguous()
-    c = _cfg(L, R)
+    c = _cfg(L, R, "fused", x.dtype == torch.float32)
     grid = (Bn, triton.cdiv(L, c["BLOCK_M"]), triton.cdiv(N, c["BLOCK_N"]))
     _dora_kernel[grid](x, A, B, y, out, gain, slots, rank, scale, S, L, K, N, R, *x.stride(), *A.stride(),
                        *B.stride(), *y.stride(), *out.stride(), *gain.stride(), IEEE=x.dtype == torch.float32,

@@ -22,12 +22,23 @@ import triton.language as tl
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def _cfg(L: int, R: int):
-    """Small heuristic: tokens per program from L; one small config under the interpreter."""
+TILES = {  # the live tiles of each kernel shape (configs.fit), "R" standing for BLOCK_R
+    "shrink": [("BLOCK_M", "R"), ("BLOCK_M", "BLOCK_K"), ("R", "BLOCK_K")],
+    "expand": [("BLOCK_M", "BLOCK_N"), ("BLOCK_M", "R"), ("R", "BLOCK_N")],
+    "fused": [("BLOCK_M", "R"), ("BLOCK_M", "BLOCK_K"), ("R", "BLOCK_K"), ("BLOCK_M", "BLOCK_N"), ("R", "BLOCK_N")],
+}
+
+
+def _cfg(L: int, R: int, kind: str = "fused", ieee: bool = False):
+    """Small heuristic: tokens per program from L, blocks within the register budget for `kind`'s tiles
+    (configs.fit); one small config under the interpreter."""
     if INTERPRET:
         return dict(BLOCK_M=16, BLOCK_K=32, BLOCK_N=32, num_warps=1)
+    from .configs import fit
     bm = 16 if L <= 16 else (32 if L <= 64 else 64)
-    return dict(BLOCK_M=bm, BLOCK_K=64, BLOCK_N=64, num_warps=4)
+    b, w = fit({"BLOCK_M": bm, "BLOCK_K": 64, "BLOCK_N": 64, "R": _block_r(R)}, TILES[kind],
+               ["BLOCK_K", "BLOCK_N", "BLOCK_M"], ieee=ieee)
+    return dict(BLOCK_M=b["BLOCK_M"], BLOCK_K=b["BLOCK_K"], BLOCK_N=b["BLOCK_N"], num_warps=w)
 
 
 @triton.jit
@@ -156,7 +167,7 @@ def shrink(x, W, slots, rank, scale=None, R=None, zero: bool = True) -> torch.Te
     slots, rank = slots.contiguous(), rank.contiguous()
     scale = scale.contiguous() if scale is not None else None
     h = (torch.zeros if zero else torch.empty)(Bn, L, R, device=x.device, dtype=torch.float32)
-    c = _cfg(L, R)
+    c = _cfg(L, R, "shrink", x.dtype == torch.float32)
     grid = (Bn, triton.cdiv(L, c["BLOCK_M"]))
     _lora_shrink_kernel[grid](x, W, h, slots, rank, scale if scale is not None else rank, W.shape[0], L, K, R,
                               *x.stride(), *W.stride(), *h.stride(), HAS_SCALE=scale is not None,
@@ -170,7 +181,7 @@ def expand_(y, h, W, slots, rank, scale=None) -> torch.Tensor:
     Bn, L, N = y.shape
     slots, rank = slots.contiguous(), rank.contiguous()
     scale = scale.contiguous() if scale is not None else None
-    c = _cfg(L, h.shape[2])
+    c = _cfg(L, h.shape[2], "expand", y.dtype == torch.float32)
     grid = (Bn, triton.cdiv(L, c["BLOCK_M"]), triton.cdiv(N, c["BLOCK_N"]))
     _lora_expand_kernel[grid](h, W, y, slots, rank, scale if scale is not None else rank, W.shape[0], L, N,
                               h.shape[2],
@@ -192,7 +203,7 @@ def lora_(y, x, A, B, scale, slots, rank=None, fused: bool | None = None) -> tor
     if not fused:
         return expand_(y, shrink(x, A, slots, rank, zero=False), B, slots, rank, scale)  # expand skips those rows
     Bn, L, N = y.shape
-    c = _cfg(L, R)
+    c = _cfg(L, R, "fused", x.dtype == torch.float32)
     grid = (Bn, triton.cdiv(L, c["BLOCK_M"]))
     _lora_fused_kernel[grid](x, A, B, y, slots, rank, scale, S, L, K, N, R, *x.stride(), *A.stride(), *B.stride(),
                              *y.stride(), IEEE=x.dtype == torch.float32, BLOCK_M=c["BLOCK_M"],

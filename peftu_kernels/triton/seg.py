@@ -96,6 +96,17 @@ def _blk(n: int, cap: int = 64) -> int:
     return 16 if INTERPRET else min(cap, max(16, triton.next_power_of_2(n)))
 
 
+def _outer_cfg(P: int, Q: int):
+    """(BLOCK_P, BLOCK_Q, BLOCK_M, num_warps): the (P, Q) accumulator and the (M, P), (M, Q) operand tiles
+    within the register budget (configs.fit); one small config under the interpreter."""
+    if INTERPRET:
+        return 16, 16, 16, 1
+    from .configs import fit
+    b, w = fit({"P": _blk(P), "Q": _blk(Q), "M": 32}, [("P", "Q"), ("M", "P"), ("M", "Q")], ["M", "Q", "P"],
+               ieee=True)  # fp32 operands and accumulators: weight gradients
+    return b["P"], b["Q"], b["M"], w
+
+
 def outer_split(n_seg: int, tokens: int, tiles: int, sms: int | None = None) -> int:
     """Chunks per segment: about two programs per SM, and at least 256 tokens per chunk."""
     if INTERPRET:
@@ -112,7 +123,7 @@ def seg_outer(U, V, seg, out: torch.Tensor, split: int | None = None) -> torch.T
         return out
     _, L, P = U.shape
     Q = V.shape[2]
-    bp, bq = _blk(P), _blk(Q)
+    bp, bq, bm, warps = _outer_cfg(P, Q)
     tiles = triton.cdiv(P, bp) * triton.cdiv(Q, bq)
     if split is None:
         split = outer_split(n_seg, max(seg.n_active, 0) * L, tiles)
@@ -120,14 +131,13 @@ def seg_outer(U, V, seg, out: torch.Tensor, split: int | None = None) -> torch.T
         part = torch.empty(split, n_seg, P, Q, device=U.device, dtype=torch.float32)  # every tile is stored
         _seg_outer_split_kernel[(n_seg, split, tiles)](U, V, part, seg.order, seg.starts, L, P, Q, split,
                                                        triton.cdiv(Q, bq), *U.stride(), *V.stride(), *part.stride(),
-                                                       IEEE=True, BLOCK_M=16 if INTERPRET else 32, BLOCK_P=bp,
-                                                       BLOCK_Q=bq, num_warps=1 if INTERPRET else 4)
+                                                       IEEE=True, BLOCK_M=bm, BLOCK_P=bp, BLOCK_Q=bq,
+                                                       num_warps=warps)
         out[seg.slot] = part.sum(0).to(out.dtype)  # a fixed order: deterministic
         return out
     grid = (n_seg, triton.cdiv(P, bp), triton.cdiv(Q, bq))
     _seg_outer_kernel[grid](U, V, out, seg.order, seg.starts, seg.slot, L, P, Q, *U.stride(), *V.stride(),
-                            *out.stride(), IEEE=True, BLOCK_M=16 if INTERPRET else 32, BLOCK_P=bp, BLOCK_Q=bq,
-                            num_warps=1 if INTERPRET else 4)
+                            *out.stride(), IEEE=True, BLOCK_M=bm, BLOCK_P=bp, BLOCK_Q=bq, num_warps=warps)
     return out
 
 
