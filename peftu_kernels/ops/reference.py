@@ -3,7 +3,9 @@
 Shapes: activations are (B, L, D) with one user slot per row, `slots` (B,) long, -1 = no module for that
 row. Banks stack every user's module along a slot dimension S. Accumulation is in fp32; results are cast
 back to the activation dtype once. With `seg` (the batch's Segments, built once on the host) the ops make no
-host sync; without it they find the active rows themselves.
+host sync; without it they find the active rows themselves. Arguments: an op never changes one, except the one
+`ops.CONSUMES` names for it (lora's y, ...), whose storage any backend may use for the result; callers do not
+read that argument again.
 """
 from __future__ import annotations
 
