@@ -1,7 +1,6 @@
 """Every Triton kernel compiles for real GPUs (sm_80 and sm_90), at every specialization the package launches,
 within a resource budget; the CUDA sources too. Without a GPU: Triton 3.6 builds cubins through ptxas for a
 GPUTarget, nvcc compiles csrc/ (peftu_kernels/triton/compile.py, benchmarks/kernel_resources.py)."""
-import os
 import shutil
 
 import pytest

@@ -171,3 +171,15 @@ def test_shutdown_finishes_what_is_in_flight(tmp_path):
     t.join(30)
     assert srv.pending() == 0 and srv.pool.used == 0
     assert got["r"].status_code in (200, 503)
+
+
+def test_limits_answer_400_json_naming_them_and_the_others_are_still_answered(world):
+    m, srv, url, oracle, tok = world
+    with httpx.Client(base_url=url, timeout=60) as c:
+        r = c.post("/v1/score", json={"model": "lora-0", "prompt": [5, 6], "labels": [[5, 1]] * (srv.max_labels + 1)})
+        assert r.status_code == 400 and "max_labels" in r.json()["error"]["message"], r.text
+        long = [[5] * 60] * (srv.max_label_tokens // 60 + 1)
+        r = c.post("/v1/score", json={"model": "lora-0", "prompt": [5, 6], "labels": long})
+        assert r.status_code == 400 and "max_label_tokens" in r.json()["error"]["message"], r.text
+        r = c.post("/v1/completions", json={"model": "lora-1", "prompt": [5, 9, 11], "max_tokens": 4})
+        assert r.status_code == 200 and r.json()["choices"][0]["tokens"] == oracle.tokens("lora-1", [5, 9, 11], 4)

@@ -25,6 +25,10 @@ def parse(argv=None):
     ap.add_argument("--device-capacity", type=int, default=256, help="users in bank slots")
     ap.add_argument("--host-capacity", type=int, default=4096, help="users in host memory")
     ap.add_argument("--max-queue", type=int, default=4096)
+    ap.add_argument("--max-virtual", type=int, default=64,
+                    help="most virtual tokens (prompt tuning) or prefix length an adapter may have")
+    ap.add_argument("--max-labels", type=int, default=64, help="most label candidates per /v1/score request")
+    ap.add_argument("--max-label-tokens", type=int, default=2048, help="most label tokens in all per score request")
     return ap.parse_args(argv)
 
 
@@ -51,7 +55,8 @@ def build(a):
     eng = Engine(model, backend=a.backend, capacity=a.device_capacity)
     store = AdapterStore(eng, a.adapters, host_capacity=a.host_capacity) if a.adapters else None
     srv = ServingEngine(model, eng, store, max_rows=a.max_rows, max_input_len=a.max_input_len,
-                        max_new_tokens=a.max_new_tokens, max_queue=a.max_queue)
+                        max_new_tokens=a.max_new_tokens, max_queue=a.max_queue, max_virtual=a.max_virtual,
+                        max_labels=a.max_labels, max_label_tokens=a.max_label_tokens)
     torch.set_grad_enabled(False)
     return srv, tok
 

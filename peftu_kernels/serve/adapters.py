@@ -1,8 +1,7 @@
 """The adapter store: a folder of users' adapters, read on demand into the engine's residency.
 
-- the folder: HF PEFT (adapter_config.json with peft_type), AdapterHub (adapter_config.json with config and
-  name) or peftu (manifest.json) user folders, detected by their files. A user id names a direct child of the
-  folder (or its `ids.folder_name`): ids that are not a plain child name never resolve to a path.
+- the folder: HF PEFT, AdapterHub or peftu user folders (tenancy.sources.read_folder). A user id names a direct
+  child of the folder (or its `ids.folder_name`): ids that are not a plain child name never resolve to a path.
 - every tier after that (device slots, host memory, the engine's disk tier) and the one LRU policy over them
   belong to the engine's Residency; this store only sets its host capacity and registers what it read as
   `reloadable` (with no disk tier, a user pushed out of host memory is forgotten and read again on demand).
@@ -17,25 +16,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 from ..tenancy import Engine, UserModule
-from ..tenancy.adapterhub import import_adapterhub
-from ..tenancy.hf_peft import import_peft
 from ..tenancy.ids import folder_name
-from ..tenancy.store import MANIFEST, load_user
-from ..io import load_json_object
-
-
-def read_folder(folder: Path, model) -> list[UserModule]:
-    """A user's modules from an HF PEFT, AdapterHub or peftu folder, detected by its files."""
-    folder = Path(folder)
-    if (folder / MANIFEST).is_file() or (not (folder / "adapter_config.json").is_file()
-                                          and any(folder.glob("*.safetensors"))):
-        return load_user(folder)
-    cfg = load_json_object(folder / "adapter_config.json")
-    if "peft_type" in cfg:
-        return [import_peft(folder, model)]
-    if "config" in cfg and "name" in cfg:
-        return [import_adapterhub(folder, model)]
-    raise ValueError(f"{folder}: neither an HF PEFT, an AdapterHub nor a peftu adapter folder")
+from ..tenancy.sources import read_folder
 
 
 class AdapterStore:
@@ -49,6 +31,7 @@ class AdapterStore:
         self._lock = threading.Lock()
         self.failed: dict[str, str] = {}  # user -> why its last load failed (until asked again)
         self.stats = {"loads": 0, "load_errors": 0, "host_evictions": 0, "hits": 0, "misses": 0}
+        self.check = None  # callable(user, modules): raises ValueError for an adapter the server cannot take
 
     # --- where users live ----------------------------------------------------------------------------
     def path(self, user: str) -> Path | None:
@@ -115,6 +98,8 @@ class AdapterStore:
         for u in list(self._staged):
             mods = self._staged[u]
             try:
+                if self.check is not None:
+                    self.check(u, mods)
                 self.engine.register(u, mods, replace=self.engine.has(u), reloadable=True, keep=pinned)
             except RuntimeError:  # host memory full of users in flight: try again after the next step
                 continue

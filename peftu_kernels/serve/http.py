@@ -116,6 +116,8 @@ def build_app(srv: ServingEngine, tokenizer=None, base_name: str = "base",
             return None, _error(429, str(e), "rate_limit_error")
         except ValueError as e:
             return None, _error(400, str(e), "invalid_request_error")
+        except RuntimeError as e:  # the engine was closed
+            return None, _error(503, str(e), "unavailable")
 
     async def wait(req: Request, http: HTTPRequest) -> bool:
         """Until the request ends; False (and the request cancelled) if the client went away."""

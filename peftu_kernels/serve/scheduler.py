@@ -77,10 +77,26 @@ class _Active:
 class ServingEngine:
     def __init__(self, model: T5, engine: Engine | None = None, store: AdapterStore | None = None,
                  max_rows: int = 32, max_input_len: int = 256, max_new_tokens: int = 64, max_virtual: int = 64,
-                 encode_budget: int | None = None, max_queue: int = 4096):
+                 encode_budget: int | None = None, max_queue: int = 4096, max_labels: int = 64,
+                 max_label_tokens: int = 2048):
+        """Limits (each refused with a ValueError naming it; the HTTP server answers 400): max_input_len tokens
+        per prompt, max_new_tokens per generate request, max_labels candidates and max_label_tokens label tokens
+        in all per score request, max_virtual virtual tokens or prefix length per adapter (checked when it is
+        loaded and at submit: a batch never fails for a neighbour's adapter); max_rows requests decoding at
+        once, max_queue requests in flight (QueueFull beyond it)."""
+        limits = dict(max_rows=max_rows, max_input_len=max_input_len, max_new_tokens=max_new_tokens,
+                      max_queue=max_queue, max_labels=max_labels, max_label_tokens=max_label_tokens)
+        for name, v in {**limits, "max_virtual": max_virtual, "encode_budget": encode_budget or 1}.items():
+            least = 0 if name == "max_virtual" else 1
+            if not isinstance(v, int) or isinstance(v, bool) or v < least:
+                raise ValueError(f"ServingEngine: {name} must be an int >= {least}, got {v!r}")
+        self.max_labels, self.max_label_tokens = max_labels, max_label_tokens
+        self.closed = False
         self.model, self.cfg = model.eval(), model.cfg
         self.engine = engine or Engine(model)
         self.store = store
+        if store is not None:
+            store.check = self.check_adapter  # an adapter past a limit is refused when it is loaded
         p = next(model.parameters())
         self.max_input_len, self.max_new, self.max_virtual = max_input_len, max_new_tokens, max_virtual
         # encoder tokens admitted per step: small keeps decoding rows at a steady pace (on a 2-core CPU, 1x
@@ -102,11 +118,20 @@ class ServingEngine:
 
     # --- the client side (any thread) ----------------------------------------------------------------
     def submit(self, req: Request) -> Request:
-        """Queue a request; raises UnknownUser, QueueFull or ValueError (bad input) at once."""
+        """Queue a request; raises UnknownUser, QueueFull, ValueError (bad input, a limit passed, a request
+        submitted twice) or RuntimeError (after close()) at once."""
+        if not isinstance(req, Request):
+            raise TypeError(f"submit takes a Request, got {type(req).__name__}")
+        if self.closed:
+            raise RuntimeError("the serving engine is closed: no new requests")
         if req.user is not None and not (self.engine.has(req.user) or (self.store and self.store.known(req.user))):
             raise UnknownUser(f"unknown user {req.user!r}")
         self._validate(req)
+        if req.user is not None and self.engine.has(req.user):
+            self.check_adapter(req.user, needs=self.engine.needs(req.user))
         with self._lock:
+            if req.id in self._by_id or "arrival" in req.times:
+                raise ValueError(f"request {req.id} was already submitted (make a new Request for each call)")
             if len(self._by_id) >= self.max_queue:
                 raise QueueFull(f"{len(self._by_id)} requests in flight (max_queue {self.max_queue})")
             req.times["arrival"] = time.perf_counter()
@@ -125,8 +150,37 @@ class ServingEngine:
             raise ValueError(f"input has {len(ids)} tokens, this server takes at most {self.max_input_len}")
         if req.labels is not None:
             check_labels(req.labels, V)
+            if len(req.labels) > self.max_labels:
+                raise ValueError(f"{len(req.labels)} labels, this server scores at most {self.max_labels} per "
+                                 f"request (max_labels)")
+            n = sum(len(x) for x in req.labels)
+            if n > self.max_label_tokens:
+                raise ValueError(f"the labels have {n} tokens in all, this server takes at most "
+                                 f"{self.max_label_tokens} per request (max_label_tokens)")
         elif not isinstance(req.max_new_tokens, int) or not 1 <= req.max_new_tokens <= self.max_new:
             raise ValueError(f"max_new_tokens must be in [1, {self.max_new}], got {req.max_new_tokens!r}")
+
+    def check_adapter(self, user: str, mods=None, needs: dict | None = None) -> None:
+        """Raise ValueError when `user`'s adapter (its modules, or their summed Method.needs) passes a limit of
+        this server that depends on the adapter: virtual tokens and prefix length (max_virtual)."""
+        if needs is None:
+            from ..tenancy import methods
+            needs = {}
+            for m in mods:
+                for k, v in methods.get(m.method).needs(m).items():
+                    needs[k] = needs.get(k, 0) + v
+        for key, what in (("virtual_tokens", "prepends {} virtual tokens"), ("prefix", "adds a prefix of {} tokens")):
+            if needs.get(key, 0) > self.max_virtual:
+                raise ValueError(f"user {user!r}: the adapter {what.format(needs[key])}, this server takes at most "
+                                 f"{self.max_virtual} (max_virtual)")
+
+    def close(self) -> None:
+        """No new requests (submit raises); those waiting or running end as "cancelled" at the next step."""
+        self.closed = True
+        with self._lock:
+            for r in self._by_id.values():
+                r.cancelled = True
+            self._wake.notify_all()
 
     def call_soon(self, fn) -> Future:
         """Run `fn()` on the step loop's thread between two steps (the registry is not thread-safe)."""
@@ -178,10 +232,11 @@ class ServingEngine:
         t0 = time.perf_counter()
         self._housekeeping()
         new = self._admit()
-        if new:
-            self._prefill(new)
-        if self._active:
-            self._decode()
+        with self.engine.lock:  # the step's forwards read the banks: no registry change from any thread meanwhile
+            if new:
+                self._prefill(new)
+            if self._active:
+                self._decode()
         if new or self._active or self.stats["tokens"] != (self._rate[-1][1] if self._rate else 0):
             dt = time.perf_counter() - t0
             self.stats["steps"] += 1
@@ -395,7 +450,7 @@ class ServingEngine:
         bias = pb.to(dt) + mask_to_bias(allow[:, None, None, :], dt)
         cross_bias = mask_to_bias(pool.cross_mask[rows, :W][:, None, None, :], dt)
         x = m.shared(torch.tensor([[a.last] for a in act], device=dev))
-        with held(peft, len(act)):  # the engine's lock: no registry change interleaves with the step
+        with held(peft, len(act)):  # the handle's check (the step already holds the engine's lock)
             for i, blk in enumerate(m.decoder.block):
                 cache = RowCache(pool, i, rows, qpos, T)
                 cross = (pool.cross_k[i][rows, :, :W], pool.cross_v[i][rows, :, :W])

@@ -162,7 +162,6 @@ def kernels() -> list[str]:
 
 
 def _compile_one(s: dict, arch: int) -> dict:
-    import torch
     import triton
     from triton.backends.compiler import BaseBackend, GPUTarget
     from triton.compiler import ASTSource

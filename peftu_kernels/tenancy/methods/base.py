@@ -92,10 +92,10 @@ class Bank:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for g in self.sites.values() for t in g.values())
 
-    def plan(self, pb: "tenancy.PeftBatch"):
+    def plan(self, pb):  # pb: the batch's PeftBatch (tenancy.engine)
         return None
 
-    def slots_of(self, pb: "tenancy.PeftBatch"):
+    def slots_of(self, pb):
         """This bank's (slots, segments) in the batch."""
         return pb.meta.slots[self.key], pb.meta.segments[self.key]
 
