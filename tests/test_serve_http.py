@@ -183,3 +183,29 @@ def test_limits_answer_400_json_naming_them_and_the_others_are_still_answered(wo
         assert r.status_code == 400 and "max_label_tokens" in r.json()["error"]["message"], r.text
         r = c.post("/v1/completions", json={"model": "lora-1", "prompt": [5, 9, 11], "max_tokens": 4})
         assert r.status_code == 200 and r.json()["choices"][0]["tokens"] == oracle.tokens("lora-1", [5, 9, 11], 4)
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # the loop dies on purpose
+def test_a_deadline_answers_504_json_and_a_dead_loop_503_at_once(world, tmp_path):
+    m, srv, url, oracle, tok = world
+    with httpx.Client(base_url=url, timeout=60) as c:
+        r = c.post("/v1/completions", json={"model": "lora-0", "prompt": [5, 9, 11], "max_tokens": 4, "timeout": 1e-6})
+        assert r.status_code == 504 and r.json()["error"]["type"] == "timeout", r.text
+        r = c.post("/v1/completions", json={"model": "lora-0", "prompt": [5, 9, 11], "max_tokens": 4})
+        assert r.status_code == 200 and r.json()["choices"][0]["tokens"] == oracle.tokens("lora-0", [5, 9, 11], 4)
+    eng = Engine(m, backend="reference")
+    dying = ServingEngine(m, eng, max_rows=2, max_input_len=24, max_new_tokens=4)
+
+    def step():
+        raise SystemExit("the loop's thread died")
+
+    dying.step = step
+    with serve_in_thread(build_app(dying, tok, drain_seconds=0)) as url2, httpx.Client(base_url=url2, timeout=10) as c:
+        for _ in range(200):
+            if dying.loop["state"] == "stopped":
+                break
+            time.sleep(0.01)
+        h = c.get("/health")
+        assert h.status_code == 503 and h.json()["status"] == "stopped", h.text
+        r = c.post("/v1/completions", json={"model": "base", "prompt": [5, 6], "max_tokens": 2})
+        assert r.status_code == 503 and "step loop stopped" in r.json()["error"]["message"], r.text

@@ -107,3 +107,71 @@ def test_a_user_evicted_to_disk_while_its_request_runs_finishes_it_exactly(world
     assert eng.users["a"] == "disk"
     srv.run_until_idle()
     assert req.error is None and req.tokens == oracle.tokens("lora-0", [5, 9, 11, 4], 6)
+
+
+# --- deadlines and a supervised loop ------------------------------------------------------------------------
+def test_every_request_ends_by_its_deadline_waiting_or_running(world):
+    import time
+    m, root, mods, oracle = world
+    srv = server(m, root, max_rows=1, request_timeout=30)
+    running = srv.submit(Request("lora-0", [5, 9, 11, 4], max_new_tokens=6, timeout=5))
+    waiting = srv.submit(Request("ia3-0", [5, 6, 7], max_new_tokens=3, timeout=5))  # no free row for it
+    for _ in range(200):  # its folder is read off the step thread, then it takes the one row
+        srv.step()
+        if srv.pool.used == 1:
+            break
+        time.sleep(0.001)
+    assert srv.pool.used == 1 and not running.done.is_set()
+    for r in (running, waiting):  # their deadlines pass now
+        r.times["deadline"] = time.perf_counter()
+    time.sleep(0.001)
+    srv.step()
+    assert running.finish_reason == "timeout" and waiting.finish_reason == "timeout", (running, waiting)
+    assert "deadline" in running.error and srv.pool.used == 0 and srv.stats["timeouts"] == 2
+    with pytest.raises(ValueError, match="timeout"):
+        srv.submit(Request("lora-0", [5], max_new_tokens=1, timeout=-1))
+    neighbours_exact(srv, oracle)
+
+
+class Boom(Exception):
+    pass
+
+
+def test_a_step_that_raises_fails_only_its_requests_and_the_loop_goes_on(world):
+    m, root, mods, oracle = world
+    srv = server(m, root)
+    real, calls = srv._decode, []
+
+    def broken():
+        calls.append(1)
+        if len(calls) == 2:
+            raise Boom("injected")
+        real()
+
+    srv._decode = broken
+    hit = [srv.submit(Request(u, [5, 9, 11, 4], max_new_tokens=5)) for u in ("lora-0", "houlsby-0")]
+    srv.run_until_idle()
+    assert all(r.finish_reason == "error" and "injected" in r.error for r in hit), [r.error for r in hit]
+    assert srv.loop["step_errors"] == 1 and srv.pool.used == 0
+    neighbours_exact(srv, oracle)  # the same engine, the next requests: exact
+
+
+def test_a_dead_loop_fails_what_is_in_flight_and_refuses_new_requests(world):
+    import threading
+    m, root, mods, oracle = world
+    srv = server(m, root)
+
+    class Dead(BaseException):
+        pass
+
+    def step():
+        raise Dead("the loop's thread died")
+
+    srv.step = step
+    pending = srv.submit(Request("lora-0", [5, 6], max_new_tokens=2))
+    t = threading.Thread(target=lambda: pytest.raises(Dead, srv.serve_forever, threading.Event()))
+    t.start()
+    t.join(10)
+    assert srv.loop["state"] == "stopped" and pending.done.is_set() and "step loop stopped" in pending.error
+    with pytest.raises(RuntimeError, match="step loop stopped"):
+        srv.submit(Request("lora-0", [5, 6], max_new_tokens=2))

@@ -29,6 +29,8 @@ def parse(argv=None):
                     help="most virtual tokens (prompt tuning) or prefix length an adapter may have")
     ap.add_argument("--max-labels", type=int, default=64, help="most label candidates per /v1/score request")
     ap.add_argument("--max-label-tokens", type=int, default=2048, help="most label tokens in all per score request")
+    ap.add_argument("--request-timeout", type=float, default=120.0,
+                    help="seconds from arrival after which a request ends with a timeout (504), whatever it waits on")
     return ap.parse_args(argv)
 
 
@@ -56,7 +58,8 @@ def build(a):
     store = AdapterStore(eng, a.adapters, host_capacity=a.host_capacity) if a.adapters else None
     srv = ServingEngine(model, eng, store, max_rows=a.max_rows, max_input_len=a.max_input_len,
                         max_new_tokens=a.max_new_tokens, max_queue=a.max_queue, max_virtual=a.max_virtual,
-                        max_labels=a.max_labels, max_label_tokens=a.max_label_tokens)
+                        max_labels=a.max_labels, max_label_tokens=a.max_label_tokens,
+                        request_timeout=a.request_timeout)
     torch.set_grad_enabled(False)
     return srv, tok
 

@@ -36,12 +36,14 @@ class CompletionBody(BaseModel):
     prompt: Prompt
     max_tokens: int | None = Field(None, ge=1)  # default: 16, or the server's cap if lower
     stream: bool = False
+    timeout: float | None = Field(None, gt=0)  # seconds; lowers the server's --request-timeout for this request
 
 
 class ScoreBody(BaseModel):
     model: str = Field(min_length=1)
     prompt: Prompt
     labels: list[Prompt] = Field(min_length=1)
+    timeout: float | None = Field(None, gt=0)
 
 
 def completion_json(req: Request, model: str, text: str, **extra) -> dict:
@@ -108,7 +110,7 @@ def build_app(srv: ServingEngine, tokenizer=None, base_name: str = "base",
         user = None if body.model == base_name else body.model
         try:
             lab = [ids_of(user, x, "label") for x in labels] if labels is not None else None
-            req = Request(user, ids_of(user, body.prompt), max_tokens, lab, on_token)
+            req = Request(user, ids_of(user, body.prompt), max_tokens, lab, on_token, timeout=body.timeout)
             return srv.submit(req), None
         except UnknownUser:
             return None, _error(404, f"unknown model (user) {body.model!r}", "not_found_error")
@@ -134,6 +136,8 @@ def build_app(srv: ServingEngine, tokenizer=None, base_name: str = "base",
     def failed(req: Request):
         if req.finish_reason == "error":
             return _error(404 if "unknown user" in (req.error or "") else 500, req.error, "server_error")
+        if req.finish_reason == "timeout":
+            return _error(504, req.error, "timeout")
         return None
 
     @app.post("/v1/completions")
@@ -223,6 +227,9 @@ def build_app(srv: ServingEngine, tokenizer=None, base_name: str = "base",
 
     @app.get("/health")
     async def health():
+        """200 "ok" while the step loop runs; 503 "stopped" (with the loop's last error) once it has died."""
+        if srv.loop["state"] == "stopped":
+            return JSONResponse({"status": "stopped", "error": srv.loop["last_error"], **srv.report()}, status_code=503)
         return {"status": "closing" if state["closing"] else "ok", **srv.report()}
 
     @app.get("/metrics")

@@ -6,6 +6,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 COUNTERS = {"steps": "decoding/prefill steps run", "tokens": "tokens generated", "admitted": "requests admitted",
             "finished": "requests finished (any reason)", "cancelled": "requests cancelled", "errors": "requests failed",
+            "timeouts": "requests that passed their deadline", "step_errors": "step phases that raised (their requests failed)",
             "step_seconds": "time spent in steps", "adapter_loads": "adapter folders loaded from disk",
             "adapter_load_errors": "adapter folders that failed to load",
             "adapter_host_evictions": "users dropped from host memory (LRU)",

@@ -52,11 +52,12 @@ class Request:
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
     tokens: list[int] = field(default_factory=list)
     scores: list[float] | None = None
-    finish_reason: str | None = None        # stop | length | scored | cancelled | error
+    finish_reason: str | None = None        # stop | length | scored | cancelled | timeout | error
     error: str | None = None
     times: dict = field(default_factory=dict)  # arrival, admitted, first_token, finished (perf_counter)
     done: threading.Event = field(default_factory=threading.Event)
     cancelled: bool = False
+    timeout: float | None = None            # seconds from arrival; the server's request_timeout caps it
 
     @property
     def kind(self) -> str:
@@ -78,12 +79,20 @@ class ServingEngine:
     def __init__(self, model: T5, engine: Engine | None = None, store: AdapterStore | None = None,
                  max_rows: int = 32, max_input_len: int = 256, max_new_tokens: int = 64, max_virtual: int = 64,
                  encode_budget: int | None = None, max_queue: int = 4096, max_labels: int = 64,
-                 max_label_tokens: int = 2048):
+                 max_label_tokens: int = 2048, request_timeout: float = 120.0):
         """Limits (each refused with a ValueError naming it; the HTTP server answers 400): max_input_len tokens
         per prompt, max_new_tokens per generate request, max_labels candidates and max_label_tokens label tokens
         in all per score request, max_virtual virtual tokens or prefix length per adapter (checked when it is
         loaded and at submit: a batch never fails for a neighbour's adapter); max_rows requests decoding at
-        once, max_queue requests in flight (QueueFull beyond it)."""
+        once, max_queue requests in flight (QueueFull beyond it). Every request ends by its deadline
+        (request_timeout seconds after arrival, or the request's own shorter `timeout`): finish_reason
+        "timeout", whatever it waited on (a queue, an adapter load, the device tier)."""
+        if isinstance(request_timeout, bool) or not isinstance(request_timeout, (int, float)) or \
+                not request_timeout > 0:
+            raise ValueError(f"ServingEngine: request_timeout must be a positive number of seconds, got "
+                             f"{request_timeout!r}")
+        self.request_timeout = float(request_timeout)
+        self.loop = {"state": "not started", "step_errors": 0, "last_error": None}
         limits = dict(max_rows=max_rows, max_input_len=max_input_len, max_new_tokens=max_new_tokens,
                       max_queue=max_queue, max_labels=max_labels, max_label_tokens=max_label_tokens)
         for name, v in {**limits, "max_virtual": max_virtual, "encode_budget": encode_budget or 1}.items():
@@ -113,7 +122,7 @@ class ServingEngine:
         self._by_id: dict[str, Request] = {}
         self._calls: deque = deque()  # registry changes from other threads, run between steps
         self._rate: deque = deque(maxlen=256)  # (time, tokens) of recent steps, for tokens/s
-        self.stats = {"steps": 0, "tokens": 0, "admitted": 0, "finished": 0, "cancelled": 0, "errors": 0,
+        self.stats = {"steps": 0, "tokens": 0, "admitted": 0, "finished": 0, "cancelled": 0, "errors": 0, "timeouts": 0,
                       "step_seconds": 0.0, "last_step_seconds": 0.0}
 
     # --- the client side (any thread) ----------------------------------------------------------------
@@ -124,6 +133,8 @@ class ServingEngine:
             raise TypeError(f"submit takes a Request, got {type(req).__name__}")
         if self.closed:
             raise RuntimeError("the serving engine is closed: no new requests")
+        if self.loop["state"] == "stopped":
+            raise RuntimeError(f"the step loop stopped ({self.loop['last_error']}): no new requests")
         if req.user is not None and not (self.engine.has(req.user) or (self.store and self.store.known(req.user))):
             raise UnknownUser(f"unknown user {req.user!r}")
         self._validate(req)
@@ -135,6 +146,8 @@ class ServingEngine:
             if len(self._by_id) >= self.max_queue:
                 raise QueueFull(f"{len(self._by_id)} requests in flight (max_queue {self.max_queue})")
             req.times["arrival"] = time.perf_counter()
+            req.times["deadline"] = req.times["arrival"] + min(req.timeout or self.request_timeout,
+                                                               self.request_timeout)
             self._by_id[req.id] = req
             self._queues.setdefault(req.user, deque()).append(req)
             self._wake.notify_all()
@@ -159,6 +172,9 @@ class ServingEngine:
                                  f"{self.max_label_tokens} per request (max_label_tokens)")
         elif not isinstance(req.max_new_tokens, int) or not 1 <= req.max_new_tokens <= self.max_new:
             raise ValueError(f"max_new_tokens must be in [1, {self.max_new}], got {req.max_new_tokens!r}")
+        t = req.timeout
+        if t is not None and (isinstance(t, bool) or not isinstance(t, (int, float)) or not t > 0):
+            raise ValueError(f"timeout must be a positive number of seconds, got {t!r}")
 
     def check_adapter(self, user: str, mods=None, needs: dict | None = None) -> None:
         """Raise ValueError when `user`'s adapter (its modules, or their summed Method.needs) passes a limit of
@@ -215,14 +231,34 @@ class ServingEngine:
                 time.sleep(0.001)
 
     def serve_forever(self, stop: threading.Event) -> None:
-        """The server's step loop; when idle it still applies adapter loads and registry calls."""
-        while not stop.is_set():
-            with self._lock:
-                if not self._by_id and not self._calls:
-                    self._wake.wait(0.01)
-            self.step()
-            if not self._active and self._waiting_for_loads():
-                time.sleep(0.001)
+        """The server's step loop, supervised: a step that raises fails only its own requests (step() does
+        that) and the loop goes on; if the loop itself ends abnormally, every request in flight fails at once,
+        `loop["state"]` says "stopped" (the HTTP server's /health) and submit refuses new requests."""
+        self.loop["state"] = "running"
+        try:
+            while not stop.is_set():
+                with self._lock:
+                    if not self._by_id and not self._calls:
+                        self._wake.wait(0.01)
+                self.step()
+                if not self._active and self._waiting_for_loads():
+                    time.sleep(0.001)
+            self.loop["state"] = "stopped cleanly"
+        except BaseException as e:
+            self.loop.update(state="stopped", last_error=f"{type(e).__name__}: {e}")
+            self._fail_all(f"the step loop stopped ({type(e).__name__}: {e})")
+            raise
+
+    def _fail_all(self, why: str) -> None:
+        for a in list(self._active):
+            self._retire(a, "error", why)
+        with self._lock:
+            for q in self._queues.values():
+                for r in q:
+                    self._finish(r, "error", why, locked=True)
+            self._queues.clear()
+            for r in list(self._by_id.values()):
+                self._finish(r, "error", why, locked=True)
 
     def _waiting_for_loads(self) -> bool:
         return self.store is not None and any(self.store.loading(u) for u in list(self._queues) if u is not None)
@@ -234,15 +270,31 @@ class ServingEngine:
         new = self._admit()
         with self.engine.lock:  # the step's forwards read the banks: no registry change from any thread meanwhile
             if new:
-                self._prefill(new)
+                self._guarded(lambda: self._prefill(new), new)
             if self._active:
-                self._decode()
+                self._guarded(self._decode, [a.req for a in self._active])
         if new or self._active or self.stats["tokens"] != (self._rate[-1][1] if self._rate else 0):
             dt = time.perf_counter() - t0
             self.stats["steps"] += 1
             self.stats["step_seconds"] += dt
             self.stats["last_step_seconds"] = dt
             self._rate.append((time.perf_counter(), self.stats["tokens"]))
+
+    def _guarded(self, work, reqs: list[Request]) -> None:
+        """Run one phase of a step; if it raises, only the requests it served fail (rows freed), the loop goes
+        on. Expected refusals (bad input) are handled inside the phases; this is for the unexpected."""
+        try:
+            work()
+        except Exception as e:
+            self.loop["step_errors"] += 1
+            self.loop["last_error"] = f"{type(e).__name__}: {e}"
+            why = f"the server failed this request's step ({type(e).__name__}: {e})"
+            ids = {id(r) for r in reqs}
+            for a in [a for a in self._active if id(a.req) in ids]:
+                self._retire(a, "error", why)
+            for r in reqs:
+                if not r.done.is_set():
+                    self._finish(r, "error", why)
 
     def tokens_per_second(self, window: float = 10.0) -> float:
         now = time.perf_counter()
@@ -263,6 +315,7 @@ class ServingEngine:
         self.stats["finished"] += 1
         self.stats["cancelled"] += reason == "cancelled"
         self.stats["errors"] += reason == "error"
+        self.stats["timeouts"] += reason == "timeout"
         req.done.set()
 
     def _retire(self, a: _Active, reason: str, error: str | None = None) -> None:
@@ -283,10 +336,13 @@ class ServingEngine:
                 queued = [u for u in self._queues if u is not None]
             pinned = {a.req.user for a in self._active} | {u for u in queued if self.engine.in_memory(u)}
             self.store.poll(pinned, [u for u in queued if not self.engine.in_memory(u)])
+        now = time.perf_counter()
         for a in list(self._active):
             u = a.req.user
             if a.req.cancelled:
                 self._retire(a, "cancelled")
+            elif now > a.req.times.get("deadline", float("inf")):
+                self._retire(a, "timeout", f"the request's deadline passed ({self._late(a.req)})")
             elif u is not None and not self.engine.has(u):
                 self._retire(a, "error", f"the adapter of user {u!r} was unloaded while the request ran")
             elif u is not None and self.engine.version(u) != a.version:
@@ -296,6 +352,10 @@ class ServingEngine:
                 for r in [r for r in q if r.cancelled]:
                     q.remove(r)
                     self._finish(r, "cancelled", locked=True)
+                for r in [r for r in q if now > r.times.get("deadline", float("inf"))]:
+                    q.remove(r)
+                    self._finish(r, "timeout", f"the request's deadline passed while it waited ({self._late(r)})",
+                                 locked=True)
                 if u is not None and not self._servable(u):
                     why = self.store.failed.get(u) if self.store else None
                     for r in list(q):
@@ -303,6 +363,9 @@ class ServingEngine:
                         self._finish(r, "error", f"user {u!r}: " + (why or "unknown user"), locked=True)
                 if not q:
                     del self._queues[u]
+
+    def _late(self, r: Request) -> str:
+        return f"{r.times['deadline'] - r.times['arrival']:.3g} s after arrival"
 
     def _servable(self, u: str) -> bool:
         if self.engine.has(u):
@@ -486,4 +549,5 @@ class ServingEngine:
                 "kv_rows": self.pool.rows, "kv_bytes": self.pool.nbytes(),
                 "kv_bytes_per_request": self.pool.bytes_per_row(), "tokens_per_second": self.tokens_per_second(),
                 "users_loaded": len(self.engine.users), "users_resident": len(self.engine.slots), **self.stats,
+                "loop": self.loop["state"], "step_errors": self.loop["step_errors"],
                 **({f"adapter_{k}": v for k, v in self.store.stats.items()} if self.store else {})}
