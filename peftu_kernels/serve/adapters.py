@@ -1,7 +1,11 @@
 """The adapter store: a folder of users' adapters, read on demand into the engine's residency.
 
-- the folder: HF PEFT, AdapterHub or peftu user folders (tenancy.sources.read_folder). A user id names a direct
-  child of the folder (or its `ids.folder_name`): ids that are not a plain child name never resolve to a path.
+- the folder: HF PEFT, AdapterHub or peftu user folders, each read as one snapshot (tenancy.sources.read_snapshot:
+  one descriptor, no symlinks, a folder changing while read is read again or refused). One id maps to one
+  folder and one folder to one id: id `u` names the child `ids.folder_name(u)` if there is one, else the child
+  named `u` itself, unless that name is the encoding of another id (the folder `%5aed` belongs to `Zed`, never
+  to `%5aed`). Symlinked folders, names that are not one path component or too long for a file name never
+  resolve.
 - every tier after that (device slots, host memory, the engine's disk tier) and the one LRU policy over them
   belong to the engine's Residency; this store only sets its host capacity and registers what it read as
   `reloadable` (with no disk tier, a user pushed out of host memory is forgotten and read again on demand).
@@ -16,15 +20,17 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 from ..tenancy import Engine, UserModule
-from ..tenancy.ids import folder_name
-from ..tenancy.sources import read_folder
+from ..tenancy.ids import folder_name, user_of
+from ..tenancy.sources import read_snapshot
 
 
 class AdapterStore:
-    def __init__(self, engine: Engine, folder=None, host_capacity: int | None = None, workers: int = 2):
+    def __init__(self, engine: Engine, folder=None, host_capacity: int | None = None, workers: int = 2,
+                 max_adapter_bytes: int = 1 << 30):
         engine.residency.set_host_capacity(host_capacity)  # refuses a host tier smaller than the device tier
         self.engine, self.host_capacity = engine, host_capacity
         self.root = Path(folder).resolve() if folder else None
+        self.max_adapter_bytes = max_adapter_bytes
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="adapter-load")
         self._loading: dict[str, Future] = {}
         self._staged: dict[str, list[UserModule]] = {}  # read, waiting for host memory
@@ -35,23 +41,40 @@ class AdapterStore:
 
     # --- where users live ----------------------------------------------------------------------------
     def path(self, user: str) -> Path | None:
-        """The user's folder on disk, or None. Only direct children of the store's folder resolve."""
-        if self.root is None:
+        """The user's folder on disk, or None (see the module doc: one id, one folder)."""
+        if self.root is None or not isinstance(user, str) or not user:
             return None
-        for name in (user, folder_name(user)):
-            if name in (".", "..") or "/" in name or "\\" in name or "\x00" in name or not name:
+        try:
+            encoded = folder_name(user)
+        except ValueError:  # not valid Unicode
+            return None
+        for name in dict.fromkeys((encoded, user)):
+            if name in (".", "..") or "/" in name or "\\" in name or "\x00" in name or len(name.encode()) > 255:
                 continue
+            if name == user and user_of(name) not in (None, user):
+                continue  # the encoding of another id: that id's folder
             p = self.root / name
-            if p.is_dir() and p.resolve().parent == self.root:
+            if p.is_dir() and not p.is_symlink():
                 return p
         return None
+
+    def _public(self, msg: str) -> str:
+        """A failure as clients may read it: no server path (the adapters folder is named, not its location)."""
+        return msg if self.root is None else msg.replace(f"{self.root}/", "").replace(str(self.root), "adapters")
 
     def known(self, user: str) -> bool:
         return self.engine.has(user) or self.path(user) is not None
 
     def on_disk(self) -> list[str]:
-        """Ids of the user folders in the store (a folder's name is its user's id)."""
-        return sorted(p.name for p in self.root.iterdir() if p.is_dir()) if self.root else []
+        """Ids of the user folders in the store: each folder's one id (the id its name encodes, else its name)."""
+        if self.root is None:
+            return []
+        out = []
+        for p in self.root.iterdir():
+            uid = user_of(p.name) or p.name
+            if self.path(uid) == p:
+                out.append(uid)
+        return sorted(out)
 
     # --- loading -------------------------------------------------------------------------------------
     def loading(self, user: str) -> bool:
@@ -76,7 +99,8 @@ class AdapterStore:
             if path is None or (not reload and room is not None and room <= busy):
                 return False
             self.failed.pop(user, None)
-            self._loading[user] = self._pool.submit(read_folder, path, eng.model)
+            self._loading[user] = self._pool.submit(read_snapshot, self.root, path.name, eng.model,
+                                                    max_bytes=self.max_adapter_bytes)
             return True
 
     def poll(self, pinned: set, wanted: list[str] = ()) -> list[str]:
@@ -90,7 +114,7 @@ class AdapterStore:
                 try:
                     got = f.result()
                 except Exception as e:  # a bad folder fails its own requests only
-                    self.failed[u] = f"{type(e).__name__}: {e}"
+                    self.failed[u] = self._public(f"{type(e).__name__}: {e}")
                     self.stats["load_errors"] += 1
                     continue
                 if isinstance(got, list):
@@ -104,7 +128,7 @@ class AdapterStore:
             except RuntimeError:  # host memory full of users in flight: try again after the next step
                 continue
             except (ValueError, TypeError) as e:
-                self.failed[u] = f"{type(e).__name__}: {e}"
+                self.failed[u] = self._public(f"{type(e).__name__}: {e}")
                 self.stats["load_errors"] += 1
             else:
                 self.stats["loads"] += 1

@@ -23,6 +23,7 @@ from typing import Callable, Union
 
 from fastapi import FastAPI, Request as HTTPRequest
 from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from pydantic import BaseModel, Field
 
@@ -64,7 +65,8 @@ def _error(status: int, message: str, kind: str) -> JSONResponse:
 
 
 def build_app(srv: ServingEngine, tokenizer=None, base_name: str = "base",
-              encode_prompt: Callable[[str | None, str], list[int]] | None = None, drain_seconds: float = 5.0):
+              encode_prompt: Callable[[str | None, str], list[int]] | None = None, drain_seconds: float = 5.0,
+              load_seconds: float = 60.0):
     """`encode_prompt(user, text)` turns a text prompt into ids (default: the tokenizer, with its special
     tokens); the base model answers `model == base_name`."""
     stop, state = threading.Event(), {"closing": False}
@@ -103,6 +105,17 @@ def build_app(srv: ServingEngine, tokenizer=None, base_name: str = "base",
     async def _bad(request, exc):
         msg = "; ".join(f"{'.'.join(str(x) for x in e['loc'][1:])}: {e['msg']}" for e in exc.errors())
         return _error(400, msg or "invalid request", "invalid_request_error")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request, exc):  # unknown routes, wrong methods, framework-level refusals: JSON too
+        return _error(exc.status_code, str(exc.detail), "invalid_request_error" if exc.status_code < 500 else
+                      "server_error")
+
+    @app.exception_handler(Exception)
+    async def _any(request, exc):  # anything unexpected (a body too deeply nested to parse, ...): JSON, no paths
+        if isinstance(exc, RecursionError):
+            return _error(400, "the request body is nested too deeply", "invalid_request_error")
+        return _error(500, f"internal error ({type(exc).__name__})", "server_error")
 
     def submit(body, labels=None, max_tokens=16, on_token=None):
         if state["closing"]:
@@ -205,24 +218,37 @@ def build_app(srv: ServingEngine, tokenizer=None, base_name: str = "base",
 
     @app.post("/v1/adapters/{user}")
     async def load(user: str):
+        """(Re)load from the adapter folder; answers once the engine holds the new version, or with the truth:
+        400 `loaded: false` and the reason when it failed, 504 `loaded: false` when it did not finish in time."""
         if srv.store is None or srv.store.path(user) is None:
             return _error(404, f"no adapter folder for user {user!r} in the store", "not_found_error")
+        before = srv.engine.version(user)
         srv.store.want(user, reload=True)
-        t_end = time.perf_counter() + 60
-        while srv.store.loading(user) and time.perf_counter() < t_end:
-            await asyncio.sleep(0.005)
-        while not srv.engine.has(user) and user not in srv.store.failed and time.perf_counter() < t_end:
+        t_end = time.perf_counter() + load_seconds
+        while time.perf_counter() < t_end:
+            if user in srv.store.failed:
+                return JSONResponse({"id": user, "loaded": False, "error": {"message": srv.store.failed[user],
+                                                                              "type": "invalid_adapter"}}, 400)
+            now = srv.engine.version(user)
+            if now is not None and now != before and not srv.store.loading(user):
+                return {"id": user, "loaded": True, "version": now}
             srv.wake()
             await asyncio.sleep(0.005)
-        if user in srv.store.failed:
-            return _error(400, srv.store.failed[user], "invalid_adapter")
-        return {"id": user, "loaded": True}
+        return JSONResponse({"id": user, "loaded": False, "error": {"message": f"loading {user!r} did not finish "
+                                                                               f"within {load_seconds} s",
+                                                                    "type": "timeout"}}, 504)
 
     @app.delete("/v1/adapters/{user}")
     async def unload(user: str):
-        if not srv.engine.has(user):
+        """The check and the removal are one call on the step loop: concurrent DELETEs get one 200, the others
+        404, never a 500."""
+        def remove():
+            if not srv.engine.has(user):
+                return False
+            srv.engine.remove(user)
+            return True
+        if not await on_loop(remove):
             return _error(404, f"user {user!r} is not loaded", "not_found_error")
-        await on_loop(lambda: srv.engine.remove(user))
         return {"id": user, "loaded": False}
 
     @app.get("/health")
