@@ -168,3 +168,26 @@ def test_a_broken_adapter_folder_fails_its_requests_only(world, tmp_path):
     srv.run_until_idle()
     assert bad.finish_reason == "error" and "invalid JSON" in bad.error
     check(good, oracle)
+
+
+def test_fairness_holds_when_the_device_tier_is_full(world):
+    """device_capacity 1 < 3 rows: the hog holds the only device slot and keeps requests queued; a loaded user
+    that arrives later is admitted before the hog is admitted again (the restated bound)."""
+    m, root, oracle = world
+    srv = server(m, root, rows=3, device_cap=1, host_cap=8)
+    hog, other = USERS[0][0], USERS[2][0]
+    srv.engine.register(other, oracle.eng.modules(other))  # loaded: only the device tier can keep it out
+    burst = [srv.submit(Request(hog, [5, 6], max_new_tokens=4)) for _ in range(12)]
+    for _ in range(500):
+        srv.step()
+        if any(r.tokens for r in burst):
+            break
+    late = srv.submit(Request(other, [7, 8], max_new_tokens=3))
+    before = sum("admitted" in r.times for r in burst)
+    srv.run_until_idle()
+    admitted_after = sum(r.times["admitted"] > late.times["arrival"] and r.times["admitted"] < late.times["admitted"]
+                         for r in burst)
+    assert admitted_after == 0, (before, admitted_after)
+    check(late, oracle)
+    for r in burst:
+        check(r, oracle)

@@ -175,3 +175,22 @@ def test_a_dead_loop_fails_what_is_in_flight_and_refuses_new_requests(world):
     assert srv.loop["state"] == "stopped" and pending.done.is_set() and "step loop stopped" in pending.error
     with pytest.raises(RuntimeError, match="step loop stopped"):
         srv.submit(Request("lora-0", [5, 6], max_new_tokens=2))
+
+
+def test_a_loaded_users_deleted_folder_is_served_from_what_is_held_and_never_hangs(world, tmp_path):
+    import shutil
+    from peftu_kernels.serve import UnknownUser
+    m, root, mods, oracle = world
+    for u in ("lora-0", "ia3-0"):
+        shutil.copytree(root / u, tmp_path / u)
+    srv = server(m, tmp_path)
+    first = srv.submit(Request("lora-0", [5, 9, 11, 4], max_new_tokens=5))
+    srv.run_until_idle()
+    shutil.rmtree(tmp_path / "lora-0")
+    shutil.rmtree(tmp_path / "ia3-0")  # never loaded: now unknown
+    again = srv.submit(Request("lora-0", [5, 9, 11, 4], max_new_tokens=5))
+    srv.run_until_idle()
+    for r in (first, again):
+        assert r.error is None and r.tokens == oracle.tokens("lora-0", [5, 9, 11, 4], 5)
+    with pytest.raises(UnknownUser):
+        srv.submit(Request("ia3-0", [5, 6], max_new_tokens=2))

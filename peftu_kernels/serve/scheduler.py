@@ -11,9 +11,11 @@ A step: (1) apply finished adapter loads and cancellations, fail requests whose 
 their cross-attention keys/values (and decoder prefixes) in the KV pool, answer score requests from the same
 encoder output; (4) one decoder step for every active generate request.
 
-Fairness (tested): a request at the head of its user's queue, with its adapter loaded, is admitted before any
-other user is admitted twice; so with U users waiting it waits at most U - 1 admissions, whatever the
-length of other users' queues. Requests keep the module they started with or fail with an error naming it.
+Fairness (tested, at any device capacity): a request at the head of its user's queue, with its adapter loaded,
+is admitted before any other user is admitted twice; so with U users waiting it waits at most U - 1 admissions,
+whatever the length of other users' queues. When only the device tier keeps it out (its distinct users full),
+admission stops behind it until a user on the device has finished its requests in flight (at most
+max_new_tokens decode steps), and it is admitted next. Requests keep the module they started with or fail with an error naming it.
 """
 from __future__ import annotations
 
@@ -388,7 +390,12 @@ class ServingEngine:
                     ready = u is None or self.engine.in_memory(u)
                     fits_dev = u is None or u in users or cap is None or len(users) < cap
                     rows_needed = 1 if r.kind == "generate" else 0
-                    if not ready or not fits_dev or len(r.input_ids) > budget or free < rows_needed:
+                    if ready and not fits_dev:
+                        # a loaded user waits only for the device tier: nobody behind it in round-robin order goes
+                        # first (the users on the device drain, one leaves, it is admitted next)
+                        progress = False
+                        break
+                    if not ready or len(r.input_ids) > budget or free < rows_needed:
                         continue
                     q.popleft()
                     self._queues.move_to_end(u)  # round robin: served users go to the back
