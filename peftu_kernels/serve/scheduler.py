@@ -30,10 +30,10 @@ from typing import Callable
 import torch
 
 from ..generate import check_labels, score_encoded
-from ..t5 import T5, held, mask_to_bias, relative_bucket
+from ..t5 import T5
 from ..tenancy import Engine
 from .adapters import AdapterStore
-from .kv import KVPool, RowCache
+from .kv import KVPool, PoolRows
 
 
 class UnknownUser(KeyError):
@@ -467,65 +467,30 @@ class ServingEngine:
     def _seed_rows(self, reqs, gen, enc, emask, peft) -> None:
         m, pool = self.model, self.pool
         sel = torch.tensor(gen, device=enc.device)
-        enc, emask = enc[sel], emask[sel]
         sub = [reqs[i] for i in gen]
         speft = self.engine.batch([r.user for r in sub]) if peft is not None else None
-        ckv = m.cross_kv(enc, speft)
-        cmask = emask
-        plen_c = speft.prefix_len("cross") if speft is not None else 0
-        if plen_c:
-            cmask = torch.cat([speft.prefix_mask("cross"), emask], 1)
-        plen = speft.prefix_len("decoder") if speft is not None else 0
-        W = cmask.shape[1]
-        if W > pool.cross_len or plen > self.max_virtual:
+        state = m.row_state(enc[sel], emask[sel], speft)
+        W, P = state.cross_mask.shape[1], state.prefix_len
+        if W > pool.cross_len or P > self.max_virtual:  # adapters past max_virtual are refused when loaded
             for r in sub:
-                self._finish(r, "error", f"virtual tokens of this batch ({W - enc.shape[1] + plen_c} cross, {plen} "
-                                         f"decoder) exceed the server's max_virtual={self.max_virtual}")
+                self._finish(r, "error", f"the batch needs {W} cross keys and a decoder prefix of {P}, over the "
+                                         f"pool's {pool.cross_len} / max_virtual={self.max_virtual}")
             return
         rows = [pool.alloc() for _ in sub]
-        rt = torch.tensor(rows, device=self.device)
-        for layer, (k, v) in enumerate(ckv):
-            pool.cross_k[layer][rt, :, :W] = k.to(pool.cross_k.dtype)
-            pool.cross_v[layer][rt, :, :W] = v.to(pool.cross_v.dtype)
-        pool.cross_mask[rt, :W] = cmask
-        pool.self_valid[rt, plen:] = True
-        if plen:
-            empty = enc.new_zeros(len(sub), self.cfg.num_heads, 0, self.cfg.d_kv)
-            for layer, blk in enumerate(m.decoder.block):
-                pk, pv = speft.prefix_kv(blk.layer[0].SelfAttention.site, empty, empty)
-                pool.self_k[layer][rt, :, :plen], pool.self_v[layer][rt, :, :plen] = pk, pv
-            pool.self_valid[rt, :plen] = speft.prefix_mask("decoder")
-            delta = speft.prefix_delta("decoder")
-            if delta is not None:
-                pool.delta[rt] = delta
+        pool.seed(rows, state)
         for r, row in zip(sub, rows):
-            self._active.append(_Active(r, row, plen, W, self.engine.version(r.user),
-                                        self.cfg.decoder_start_token_id))
+            self._active.append(_Active(r, row, P, W, self.engine.version(r.user), self.cfg.decoder_start_token_id))
 
-    # --- one decoder step for every active request ----------------------------------------------------
+    # --- one decoder step for every active request: the model's own step over the pool's rows ----------
     def _decode(self) -> None:
         m, cfg, pool, act = self.model, self.cfg, self.pool, self._active
-        dev, dt = self.device, self.dtype
-        rows = torch.tensor([a.row for a in act], device=dev)
-        qpos = torch.tensor([a.base + a.t for a in act], device=dev)
-        T = max(a.base + a.t for a in act) + 1
-        W = max(a.width for a in act)
+        dev = self.device
         users = [a.req.user for a in act]
         peft = self.engine.batch(users) if any(u is not None for u in users) else None
-        idx = torch.arange(T, device=dev)
-        rel = idx[None, :] - qpos[:, None] + pool.delta[rows][:, None]
-        b = relative_bucket(rel, False, cfg.relative_attention_num_buckets, cfg.relative_attention_max_distance)
-        pb = m.decoder.block[0].layer[0].SelfAttention.relative_attention_bias(b).permute(0, 2, 1)[:, :, None, :]
-        allow = pool.self_valid[rows, :T] & (idx[None, :] <= qpos[:, None])
-        bias = pb.to(dt) + mask_to_bias(allow[:, None, None, :], dt)
-        cross_bias = mask_to_bias(pool.cross_mask[rows, :W][:, None, None, :], dt)
-        x = m.shared(torch.tensor([[a.last] for a in act], device=dev))
-        with held(peft, len(act)):  # the handle's check (the step already holds the engine's lock)
-            for i, blk in enumerate(m.decoder.block):
-                cache = RowCache(pool, i, rows, qpos, T)
-                cross = (pool.cross_k[i][rows, :, :W], pool.cross_v[i][rows, :, :W])
-                x = blk(x, bias, peft, cross, cross_bias, cache, 0)
-            logits = m.head(x)[:, -1]
+        rows = PoolRows(pool, torch.tensor([a.row for a in act], device=dev),
+                        torch.tensor([a.base + a.t for a in act], device=dev), max(a.base + a.t for a in act) + 1,
+                        max(a.width for a in act))
+        logits = m.decode_rows(torch.tensor([a.last for a in act], device=dev), rows, peft)
         finite = torch.isfinite(logits).all(-1).tolist()
         nxt = logits.argmax(-1).tolist()
         now = time.perf_counter()
