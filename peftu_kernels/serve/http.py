@@ -147,6 +147,8 @@ def build_app(srv: ServingEngine, tokenizer=None, base_name: str = "base",
         return tokenizer.decode(tokens, skip_special_tokens=True) if tokenizer is not None else ""
 
     def failed(req: Request):
+        if req.finish_reason == "error" and req.error_type == "invalid_adapter":  # the tenant's own adapter
+            return _error(400, req.error, "invalid_adapter")
         if req.finish_reason == "error":
             return _error(404 if "unknown user" in (req.error or "") else 500, req.error, "server_error")
         if req.finish_reason == "timeout":

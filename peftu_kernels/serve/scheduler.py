@@ -60,6 +60,7 @@ class Request:
     done: threading.Event = field(default_factory=threading.Event)
     cancelled: bool = False
     timeout: float | None = None            # seconds from arrival; the server's request_timeout caps it
+    error_type: str | None = None           # with an error: "invalid_adapter" when the user's own adapter is at fault
 
     @property
     def kind(self) -> str:
@@ -362,6 +363,7 @@ class ServingEngine:
                     why = self.store.failed.get(u) if self.store else None
                     for r in list(q):
                         q.remove(r)
+                        r.error_type = "invalid_adapter" if why else None
                         self._finish(r, "error", f"user {u!r}: " + (why or "unknown user"), locked=True)
                 if not q:
                     del self._queues[u]
