@@ -86,7 +86,6 @@ def main(argv=None):
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="results/serve_load.jsonl")
     a = ap.parse_args(argv)
-    torch.set_grad_enabled(False)
     rng = random.Random(a.seed)
     with tempfile.TemporaryDirectory() as tmp:
         model, mods = world(a.shape, a.users, Path(tmp))
