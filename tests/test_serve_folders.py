@@ -4,6 +4,7 @@ folder; through the real server every error is JSON without server paths, concur
 answer with the truth. After each, another tenant is answered exactly."""
 import ctypes
 import os
+import sys
 import threading
 from pathlib import Path
 
@@ -187,3 +188,47 @@ def test_concurrent_unloads_answer_one_200_and_404s_never_500(server):
             t.join()
         assert sorted(codes) == [200] + [404] * 5, codes
         probe(c, oracle)  # loaded again on demand, exactly
+
+
+def test_answers_while_the_folder_is_exchanged_and_reloaded_are_each_one_version(m, tmp_path):
+    swap = _exchange()
+    if swap is None:
+        pytest.skip("renameat2 (atomic directory exchange) is not available on this system")
+    versions = [make(m.cfg, "lora", 11), make(m.cfg, "lora", 16)]  # the same rank (2), other tensors and alpha:
+    versions[1][0].config["alpha"] = 9                               # a config of one with weights of the other
+    for name, mods in zip(("u", "other"), versions):                 # passes every check, and answers otherwise
+        export_peft(mods[0], tmp_path / name, m)
+    ids, labels = [5, 9, 11, 4, 7], [[5, 1], [9, 4, 1], [17, 1]]
+    want = []
+    for mods in versions:
+        o = Oracle(m, {"u": mods})
+        want.append(o.scores("u", ids, labels))
+    assert (want[0] - want[1]).abs().max() > 1e-3  # the two versions answer differently: a mix is visible
+    eng = Engine(m, backend="reference", capacity=2)
+    srv = ServingEngine(m, eng, AdapterStore(eng, tmp_path, host_capacity=4), max_rows=2, max_input_len=24,
+                        max_new_tokens=4, max_virtual=8)
+    stop = threading.Event()
+
+    def swapper():
+        while not stop.is_set():
+            swap(tmp_path / "u", tmp_path / "other")
+
+    t = threading.Thread(target=swapper)
+    old_interval = sys.getswitchinterval()
+    with serve_in_thread(build_app(srv, load_seconds=20)) as url, httpx.Client(base_url=url, timeout=30) as c:
+        sys.setswitchinterval(1e-6)  # threads interleave between any two file reads, as processes would
+        t.start()
+        try:
+            answers = []
+            for _ in range(12):
+                r = c.post("/v1/adapters/u")
+                assert r.status_code in (200, 400), r.text  # 400: refused (kept changing), never a mix
+                s = c.post("/v1/score", json={"model": "u", "prompt": ids, "labels": labels})
+                assert s.status_code == 200, s.text
+                answers.append(torch.tensor(s.json()["scores"]))
+        finally:
+            stop.set()
+            t.join()
+            sys.setswitchinterval(old_interval)
+    for a in answers:
+        assert any(torch.allclose(a, w.float(), rtol=1e-5, atol=1e-5) for w in want), (a, want)

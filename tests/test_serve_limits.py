@@ -194,3 +194,20 @@ def test_a_loaded_users_deleted_folder_is_served_from_what_is_held_and_never_han
         assert r.error is None and r.tokens == oracle.tokens("lora-0", [5, 9, 11, 4], 5)
     with pytest.raises(UnknownUser):
         srv.submit(Request("ia3-0", [5, 6], max_new_tokens=2))
+
+
+def test_score_work_per_step_is_bounded_by_max_label_tokens(world):
+    m, root, mods, oracle = world
+    srv = server(m, root, max_label_tokens=24)
+    labels = [[5] * 8, [6] * 8]  # 16 label tokens: two such requests (32) do not fit one step's 24
+    reqs = [srv.submit(Request("lora-0", [5, 6, 7], labels=labels)) for _ in range(3)]
+    steps = []
+    for _ in range(500):
+        srv.step()
+        steps.append(sum(r.done.is_set() for r in reqs))
+        if steps[-1] == 3:
+            break
+    assert steps[-1] == 3 and all(b - a <= 1 for a, b in zip([0] + steps, steps)), steps  # one per step
+    for r in reqs:
+        torch.testing.assert_close(torch.tensor(r.scores), oracle.scores("lora-0", [5, 6, 7], labels), rtol=1e-5,
+                                   atol=1e-5)

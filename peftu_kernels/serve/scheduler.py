@@ -378,7 +378,9 @@ class ServingEngine:
 
     # --- admission ---------------------------------------------------------------------------------
     def _admit(self) -> list[Request]:
-        out, budget = [], self.encode_budget
+        # score work per step: at most max_label_tokens label tokens in all (one request always fits, since each
+        # is refused above it at submit), so score requests cannot hold the step thread for longer than that
+        out, budget, label_budget = [], self.encode_budget, self.max_label_tokens
         cap = self.engine.capacity
         users = {a.req.user for a in self._active if a.req.user is not None}
         free = self.pool.free
@@ -392,12 +394,13 @@ class ServingEngine:
                     ready = u is None or self.engine.in_memory(u)
                     fits_dev = u is None or u in users or cap is None or len(users) < cap
                     rows_needed = 1 if r.kind == "generate" else 0
+                    label_tokens = sum(len(x) for x in r.labels) if r.labels is not None else 0
                     if ready and not fits_dev:
                         # a loaded user waits only for the device tier: nobody behind it in round-robin order goes
                         # first (the users on the device drain, one leaves, it is admitted next)
                         progress = False
                         break
-                    if not ready or len(r.input_ids) > budget or free < rows_needed:
+                    if not ready or len(r.input_ids) > budget or free < rows_needed or label_tokens > label_budget:
                         continue
                     q.popleft()
                     self._queues.move_to_end(u)  # round robin: served users go to the back
@@ -405,6 +408,7 @@ class ServingEngine:
                         del self._queues[u]
                     out.append(r)
                     budget -= len(r.input_ids)
+                    label_budget -= label_tokens
                     free -= rows_needed
                     if u is not None:
                         users.add(u)
