@@ -3,6 +3,7 @@ equal score_labels alone, under random traces (every method and format, mixed le
 steps, adapters loaded from disk and evicted from the device and host tiers between steps)."""
 import os
 import random
+import time
 
 import pytest
 import torch
@@ -178,10 +179,13 @@ def test_fairness_holds_when_the_device_tier_is_full(world):
     hog, other = USERS[0][0], USERS[2][0]
     srv.engine.register(other, oracle.eng.modules(other))  # loaded: only the device tier can keep it out
     burst = [srv.submit(Request(hog, [5, 6], max_new_tokens=4)) for _ in range(12)]
-    for _ in range(500):
+    t_end = time.perf_counter() + 30
+    while time.perf_counter() < t_end:  # until the hog (read off the step thread) decodes on the device
         srv.step()
         if any(r.tokens for r in burst):
             break
+        time.sleep(0.001)
+    assert any(r.tokens for r in burst)
     late = srv.submit(Request(other, [7, 8], max_new_tokens=3))
     before = sum("admitted" in r.times for r in burst)
     srv.run_until_idle()
