@@ -31,7 +31,7 @@ import torch
 
 from ..generate import check_labels, score_encoded
 from ..t5 import T5
-from ..tenancy import Engine
+from ..tenancy import Engine, methods
 from .adapters import AdapterStore
 from .kv import KVPool, PoolRows
 
@@ -183,11 +183,7 @@ class ServingEngine:
         """Raise ValueError when `user`'s adapter (its modules, or their summed Method.needs) passes a limit of
         this server that depends on the adapter: virtual tokens and prefix length (max_virtual)."""
         if needs is None:
-            from ..tenancy import methods
-            needs = {}
-            for m in mods:
-                for k, v in methods.get(m.method).needs(m).items():
-                    needs[k] = needs.get(k, 0) + v
+            needs = methods.needs_of(mods)
         for key, what in (("virtual_tokens", "prepends {} virtual tokens"), ("prefix", "adds a prefix of {} tokens")):
             if needs.get(key, 0) > self.max_virtual:
                 raise ValueError(f"user {user!r}: the adapter {what.format(needs[key])}, this server takes at most "

@@ -36,10 +36,7 @@ class _Entry:
 
     def __init__(self, version: int, mods: list[UserModule], reloadable: bool):
         self.version, self.mods, self.reloadable = version, mods, reloadable
-        self.needs: dict[str, int] = {}  # each method's Method.needs, summed: kept while the modules are on disk
-        for m in mods:
-            for k, v in methods.get(m.method).needs(m).items():
-                self.needs[k] = self.needs.get(k, 0) + v
+        self.needs = methods.needs_of(mods)  # kept while the modules are on disk
         self.slots: dict[str, int] | None = None  # device tier: bank key -> slot
         self.token = 0                            # residency token while on the device
         self.on_disk = False                      # the disk tier holds this version

@@ -48,6 +48,15 @@ def validate(mod: UserModule, model, where: str = "module") -> None:
     get(mod.method).check(mod, model, fail)
 
 
+def needs_of(mods: list[UserModule]) -> dict[str, int]:
+    """What serving a user's modules costs beyond weights: each Method.needs, summed."""
+    out: dict[str, int] = {}
+    for m in mods:
+        for k, v in get(m.method).needs(m).items():
+            out[k] = out.get(k, 0) + v
+    return out
+
+
 def all_methods() -> list[Method]:
     return sorted(_REGISTRY.values(), key=lambda m: (m.position, m.name))
 
@@ -60,4 +69,4 @@ for _m in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
     if _m.name != "base":
         importlib.import_module(f"{__name__}.{_m.name}")
 
-__all__ = ["Bank", "Method", "TrainView", "register", "get", "names", "all_methods", "validate"]
+__all__ = ["Bank", "Method", "TrainView", "register", "get", "names", "all_methods", "validate", "needs_of"]
