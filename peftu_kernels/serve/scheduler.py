@@ -15,7 +15,8 @@ Fairness (tested, at any device capacity): a request at the head of its user's q
 is admitted before any other user is admitted twice; so with U users waiting it waits at most U - 1 admissions,
 whatever the length of other users' queues. When only the device tier keeps it out (its distinct users full),
 admission stops behind it until a user on the device has finished its requests in flight (at most
-max_new_tokens decode steps), and it is admitted next. Requests keep the module they started with or fail with an error naming it.
+max_new_tokens decode steps), and it is admitted next. Requests keep the module they started with or fail
+with an error naming it.
 """
 from __future__ import annotations
 
@@ -251,10 +252,7 @@ class ServingEngine:
     def _fail_all(self, why: str) -> None:
         for a in list(self._active):
             self._retire(a, "error", why)
-        with self._lock:
-            for q in self._queues.values():
-                for r in q:
-                    self._finish(r, "error", why, locked=True)
+        with self._lock:  # every request still waiting is in _by_id
             self._queues.clear()
             for r in list(self._by_id.values()):
                 self._finish(r, "error", why, locked=True)

@@ -53,7 +53,8 @@ def _spec(fn, arg_names, args, kwargs, tag) -> dict:
             key = None
         if key == "D":
             div.append(i)
-    return {"module": fn.__module__, "file": inspect.getsourcefile(fn), "name": fn.__name__, "signature": sig, "constexprs": const, "divisible": div,
+    return {"module": fn.__module__, "file": inspect.getsourcefile(fn), "name": fn.__name__, "signature": sig,
+            "constexprs": const, "divisible": div,
             "num_warps": kwargs.get("num_warps", 4), "num_stages": kwargs.get("num_stages", 3), "tag": tag}
 
 
@@ -254,7 +255,8 @@ def problems(results: list[dict]) -> list[str]:
     limit (configs the heuristics pick)."""
     out = []
     for r in results:
-        s, where = r["spec"], f"{r['spec']['name']} sm_{r['arch']} {r['spec']['constexprs']} warps {r['spec']['num_warps']}"
+        s = r["spec"]
+        where = f"{s['name']} sm_{r['arch']} {s['constexprs']} warps {s['num_warps']}"
         if not r["ok"]:
             out.append(f"{where}: does not compile: {r['error']}")
         elif s["tag"] == "heuristic" and (r["spill_stores"] or r["spill_loads"]):
