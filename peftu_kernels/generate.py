@@ -1,8 +1,11 @@
-"""Greedy generation with a KV cache, and label scoring in one batched decoder pass."""
+"""Greedy generation and per-row sampling with a KV cache, and label scoring in one batched decoder pass."""
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
+from .sampling import GREEDY, Sampling, pick, row_generator
 from .t5 import T5
 
 
@@ -115,3 +118,72 @@ def score_encoded(model: T5, enc, mask, labels: list[list[int]], peft=None, chec
     t = tgt.clamp(min=0)[None, :, :, None].expand(B, C, L, 1)
     tok = logp.gather(-1, t).squeeze(-1) * (tgt != -100)
     return _finite_or_raise(bad, tok.sum(-1), float("nan"), peft) if check_finite else tok.sum(-1)
+
+
+@dataclass
+class Generation:
+    """What `sample` gives each row: its tokens (EOS included when it ended there, a stop sequence left out),
+    why it ended ("stop" | "length"), and with logprobs asked, per token the picked token's log-probability and
+    the most likely (id, log-probability) pairs."""
+    tokens: list[list[int]]
+    finish_reason: list[str]
+    logprobs: list[list[float] | None]
+    top_logprobs: list[list[list[tuple[int, float]]] | None]
+
+
+@torch.no_grad()
+def sample(model: T5, input_ids, attention_mask=None, settings: Sampling | list[Sampling] = GREEDY,
+           max_new_tokens: int | list[int] = 16, peft=None, generators: list | None = None) -> Generation:
+    """Per-row decoding (`sampling.Sampling`: temperature, top_p, top_k, seed, stop, logprobs) with a KV cache;
+    `settings` / `max_new_tokens` one for all rows or one per row. Greedy rows give `greedy`'s tokens. A seeded
+    row gives the same tokens in any batch. One host sync per step (stop sequences and finished rows are
+    checked on the host). Rows with non-finite logits raise NonFiniteRowsError (`result`: None here)."""
+    cfg = model.cfg
+    B = input_ids.shape[0]
+    rows = list(settings) if isinstance(settings, (list, tuple)) else [settings] * B
+    caps = list(max_new_tokens) if isinstance(max_new_tokens, (list, tuple)) else [max_new_tokens] * B
+    if len(rows) != B or len(caps) != B:
+        raise ValueError(f"settings and max_new_tokens need one entry per row ({B}), got {len(rows)} / {len(caps)}")
+    for c in caps:
+        if not isinstance(c, int) or isinstance(c, bool) or c < 1:
+            raise ValueError(f"max_new_tokens must be positive ints, got {c!r}")
+    for s in rows:
+        if not isinstance(s, Sampling):
+            raise TypeError(f"settings must be Sampling, got {type(s).__name__}")
+        s.check(cfg.vocab_size)
+    gens = generators or [row_generator(s.seed) if not s.greedy else None for s in rows]
+    enc, mask = model.encode(input_ids, attention_mask, peft)
+    cache = model.new_cache(enc, mask, peft, max(caps))
+    tok = torch.full((B, 1), cfg.decoder_start_token_id, dtype=torch.long, device=input_ids.device)
+    out = Generation([[] for _ in range(B)], [None] * B, [[] if s.logprobs is not None else None for s in rows],
+                     [[] if s.logprobs is not None else None for s in rows])
+    live = set(range(B))
+    for step in range(max(caps)):
+        logits = model.decode(tok, enc, mask, peft, cache)[:, -1]
+        bad = (~torch.isfinite(logits).all(-1)).nonzero().flatten().tolist()
+        bad = [i for i in bad if i in live]
+        if bad:
+            who = getattr(peft, "rows", None)
+            raise NonFiniteRowsError(bad, [who[r] if who is not None else None for r in bad], None)
+        got = pick(logits, rows, gens)
+        for i in sorted(live):
+            t = got.tokens[i]
+            out.tokens[i].append(t)
+            if out.logprobs[i] is not None:
+                out.logprobs[i].append(got.logprob[i])
+                out.top_logprobs[i].append(got.top[i])
+            s = rows[i].stopped(out.tokens[i])
+            if s is not None:
+                for lst in (out.tokens[i], out.logprobs[i], out.top_logprobs[i]):
+                    if lst is not None:
+                        del lst[len(lst) - len(s):]
+            if t == cfg.eos_token_id or s is not None:
+                out.finish_reason[i] = "stop"
+            elif step + 1 >= caps[i]:
+                out.finish_reason[i] = "length"
+            if out.finish_reason[i] is not None:
+                live.discard(i)
+        if not live:
+            break
+        tok = torch.tensor(got.tokens, device=input_ids.device)[:, None]
+    return out

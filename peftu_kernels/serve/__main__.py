@@ -2,10 +2,12 @@
 
 --model: an HF T5 folder (config.json + safetensors, tokenizer files if any) or a hub id; --shape NAME serves
 random weights of a preset's shape instead (for load tests). --adapters: a folder of user folders (HF PEFT,
-AdapterHub or peftu), loaded on a user's first request."""
+AdapterHub or peftu), loaded on a user's first request. --api-key / PEFTU_API_KEY or --api-keys FILE: who may
+call which users (auth.py); without either the server is open to every client, and says so at start."""
 from __future__ import annotations
 
 import argparse
+import sys
 
 
 def parse(argv=None):
@@ -31,7 +33,25 @@ def parse(argv=None):
     ap.add_argument("--max-label-tokens", type=int, default=2048, help="most label tokens in all per score request")
     ap.add_argument("--request-timeout", type=float, default=120.0,
                     help="seconds from arrival after which a request ends with a timeout (504), whatever it waits on")
+    ap.add_argument("--max-n", type=int, default=8, help="most choices (n) per completion request")
+    ap.add_argument("--metrics-users", type=int, default=0,
+                    help="per-user metric series for this many of the heaviest users (0: none, all summed)")
+    ap.add_argument("--api-key", default=None, help="one key for every route (default: $PEFTU_API_KEY)")
+    ap.add_argument("--api-keys", default=None, metavar="FILE", help="tenants: keys, their users and rights (JSON)")
     return ap.parse_args(argv)
+
+
+def keys_of(a):
+    """The server's keys, or exit at once with the reason (a key file that cannot be used stops the server)."""
+    from .auth import KeyFileError, from_options
+    try:
+        keys = from_options(a.api_key, a.api_keys)
+    except KeyFileError as e:
+        raise SystemExit(f"peftu serve: {e}") from None
+    if keys is None:
+        print("peftu serve: no API key (--api-key, PEFTU_API_KEY or --api-keys): every client may call every user "
+              "and manage adapters", file=sys.stderr)
+    return keys
 
 
 def build(a):
@@ -59,7 +79,7 @@ def build(a):
     srv = ServingEngine(model, eng, store, max_rows=a.max_rows, max_input_len=a.max_input_len,
                         max_new_tokens=a.max_new_tokens, max_queue=a.max_queue, max_virtual=a.max_virtual,
                         max_labels=a.max_labels, max_label_tokens=a.max_label_tokens,
-                        request_timeout=a.request_timeout)
+                        request_timeout=a.request_timeout, max_n=a.max_n, metrics_users=a.metrics_users)
     torch.set_grad_enabled(False)
     return srv, tok
 
@@ -69,8 +89,9 @@ def main(argv=None):
 
     from .http import build_app
     a = parse(argv)
+    keys = keys_of(a)  # before the model loads: a bad key file stops the server at once
     srv, tok = build(a)
-    uvicorn.run(build_app(srv, tok), host=a.host, port=a.port, log_level="info")
+    uvicorn.run(build_app(srv, tok, keys=keys), host=a.host, port=a.port, log_level="info")
 
 
 if __name__ == "__main__":

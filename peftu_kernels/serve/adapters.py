@@ -16,12 +16,14 @@ between steps) registers what finished. So a step never waits on the disk.
 from __future__ import annotations
 
 import threading
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 from ..tenancy import Engine, UserModule
 from ..tenancy.ids import folder_name, user_of
 from ..tenancy.sources import read_snapshot
+from .usage import Hist
 
 
 class AdapterStore:
@@ -37,6 +39,8 @@ class AdapterStore:
         self._lock = threading.Lock()
         self.failed: dict[str, str] = {}  # user -> why its last load failed (until asked again)
         self.stats = {"loads": 0, "load_errors": 0, "host_evictions": 0, "hits": 0, "misses": 0}
+        self.load_seconds = Hist()  # from the read's start to the user registered (folder loads)
+        self._started: dict[str, float] = {}
         self.check = None  # callable(user, modules): raises ValueError for an adapter the server cannot take
 
     # --- where users live ----------------------------------------------------------------------------
@@ -99,6 +103,7 @@ class AdapterStore:
             if path is None or (not reload and room is not None and room <= busy):
                 return False
             self.failed.pop(user, None)
+            self._started[user] = time.perf_counter()
             self._loading[user] = self._pool.submit(read_snapshot, self.root, path.name, eng.model,
                                                     max_bytes=self.max_adapter_bytes)
             return True
@@ -132,6 +137,8 @@ class AdapterStore:
                 self.stats["load_errors"] += 1
             else:
                 self.stats["loads"] += 1
+                if u in self._started:
+                    self.load_seconds.observe(time.perf_counter() - self._started.pop(u))
                 done.append(u)
             del self._staged[u]
         for u in wanted:

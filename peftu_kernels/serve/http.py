@@ -1,15 +1,17 @@
 """The HTTP API (FastAPI): OpenAI-style completions with `model` naming the user (the multi-LoRA convention of
 vLLM and LoRAX), label scoring, adapter load/unload, health and Prometheus metrics.
 
-    POST /v1/completions   {"model": user | base, "prompt": str | [ids], "max_tokens": 16, "stream": false}
+    POST /v1/completions   {"model": user | base, "prompt": str | [ids], "max_tokens": 16, "stream": false,
+                            "temperature", "top_p", "top_k", "seed", "n", "stop", "logprobs"}  (protocol.py)
     POST /v1/score         {"model": ..., "prompt": ..., "labels": [str | [ids], ...]}
     GET  /v1/models        users (loaded and on disk)
     POST /v1/adapters/{user}   load (or reload) the user's folder from the adapter store
     DELETE /v1/adapters/{user} unload it from memory
     GET  /health, GET /metrics
 
-Errors are JSON {"error": {"message", "type"}}: 400 bad request, 404 unknown user, 429 queue full, 503 when
-shutting down. A client that disconnects has its request cancelled (its KV row freed at the next step).
+Errors are JSON {"error": {"message", "type"}}: 400 bad request (a field not honoured is named), 401 no or a
+wrong API key, 403 a user or route outside the key's scope (the same answer whether or not the user exists),
+404 unknown user, 429 queue full, 503 when shutting down. Keys and tenants: auth.py. A client that disconnects has its request cancelled (its KV row freed at the next step).
 The step loop runs in one background thread; registry changes requested over HTTP run on that thread.
 """
 from __future__ import annotations
@@ -19,57 +21,37 @@ import json
 import threading
 import time
 from contextlib import asynccontextmanager
-from typing import Callable, Union
+from typing import Callable
 
 from fastapi import FastAPI, Request as HTTPRequest
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
-from pydantic import BaseModel, Field
 
+from .auth import Keys, Tenant, bearer
+from .protocol import CompletionBody, ScoreBody, completion_json, completion_request, logprobs_json, score_json
 from .scheduler import QueueFull, Request, ServingEngine, UnknownUser
 
-Prompt = Union[str, list[int]]
+
+def _error(status: int, message: str, kind: str, headers: dict | None = None) -> JSONResponse:
+    return JSONResponse({"error": {"message": message, "type": kind}}, status_code=status, headers=headers)
 
 
-class CompletionBody(BaseModel):
-    model: str = Field(min_length=1)
-    prompt: Prompt
-    max_tokens: int | None = Field(None, ge=1)  # default: 16, or the server's cap if lower
-    stream: bool = False
-    timeout: float | None = Field(None, gt=0)  # seconds; lowers the server's --request-timeout for this request
-
-
-class ScoreBody(BaseModel):
-    model: str = Field(min_length=1)
-    prompt: Prompt
-    labels: list[Prompt] = Field(min_length=1)
-    timeout: float | None = Field(None, gt=0)
-
-
-def completion_json(req: Request, model: str, text: str, **extra) -> dict:
-    """The OpenAI-style body of a finished generate request."""
-    return {"id": req.id, "object": "text_completion", "model": model, "created": int(time.time()), **extra,
-            "choices": [{"index": 0, "text": text, "tokens": req.tokens, "finish_reason": req.finish_reason}],
-            "usage": {"prompt_tokens": len(req.input_ids), "completion_tokens": len(req.tokens),
-                      "total_tokens": len(req.input_ids) + len(req.tokens)}}
-
-
-def score_json(req: Request, model: str, **extra) -> dict:
-    return {"id": req.id, "object": "score", "model": model, **extra, "scores": req.scores,
-            "best": int(max(range(len(req.scores)), key=req.scores.__getitem__))}
-
-
-def _error(status: int, message: str, kind: str) -> JSONResponse:
-    return JSONResponse({"error": {"message": message, "type": kind}}, status_code=status)
+def _denied(what: str) -> JSONResponse:
+    return _error(403, f"this API key may not {what}", "permission_error")
 
 
 def build_app(srv: ServingEngine, tokenizer=None, base_name: str = "base",
               encode_prompt: Callable[[str | None, str], list[int]] | None = None, drain_seconds: float = 5.0,
-              load_seconds: float = 60.0):
+              load_seconds: float = 60.0, keys: Keys | None = None):
     """`encode_prompt(user, text)` turns a text prompt into ids (default: the tokenizer, with its special
-    tokens); the base model answers `model == base_name`."""
+    tokens); the base model answers `model == base_name`. `keys` (auth.Keys): every route but keys.open needs
+    a key, and each key reaches only its tenant's users; None: open to every client."""
     stop, state = threading.Event(), {"closing": False}
+    everyone = Tenant("open", ("*",), manage=True, metrics=True)
+
+    def tenant(http: HTTPRequest) -> Tenant:
+        return getattr(http.state, "tenant", everyone)
 
     def ids_of(user, p, what="prompt") -> list[int]:
         if isinstance(p, list):
@@ -101,6 +83,17 @@ def build_app(srv: ServingEngine, tokenizer=None, base_name: str = "base",
 
     app = FastAPI(title="peftu serving", lifespan=lifespan)
 
+    @app.middleware("http")
+    async def authenticate(http: HTTPRequest, call_next):
+        """Before routing, for every path (unknown ones too): no key or a wrong one is 401."""
+        if keys is not None and http.url.path not in keys.open:
+            who = keys.who(bearer(http.headers.get("authorization")))
+            if who is None:
+                return _error(401, "missing or invalid API key (send Authorization: Bearer KEY)",
+                              "authentication_error", {"WWW-Authenticate": "Bearer"})
+            http.state.tenant = who
+        return await call_next(http)
+
     @app.exception_handler(RequestValidationError)
     async def _bad(request, exc):
         msg = "; ".join(f"{'.'.join(str(x) for x in e['loc'][1:])}: {e['msg']}" for e in exc.errors())
@@ -117,19 +110,28 @@ def build_app(srv: ServingEngine, tokenizer=None, base_name: str = "base",
             return _error(400, "the request body is nested too deeply", "invalid_request_error")
         return _error(500, f"internal error ({type(exc).__name__})", "server_error")
 
-    def submit(body, labels=None, max_tokens=16, on_token=None):
+    def submit(body, http, labels=None, on_token=None):
+        """(Request, Texts) submitted, or an error response. The key's scope is checked before anything else,
+        so a 403 says nothing of whether the user exists."""
+        user = None if body.model == base_name else body.model
+        if not tenant(http).may_call(user):
+            return None, _denied(f"call model {body.model!r}")
         if state["closing"]:
             return None, _error(503, "the server is shutting down", "unavailable")
-        user = None if body.model == base_name else body.model
         try:
-            lab = [ids_of(user, x, "label") for x in labels] if labels is not None else None
-            req = Request(user, ids_of(user, body.prompt), max_tokens, lab, on_token, timeout=body.timeout)
-            return srv.submit(req), None
+            ids = ids_of(user, body.prompt)
+            if labels is not None:
+                req, texts = Request(user, ids, labels=[ids_of(user, x, "label") for x in labels],
+                                     timeout=body.timeout), None
+            else:
+                req, texts = completion_request(body, user, ids, body.max_tokens or min(16, srv.max_new), tokenizer)
+            req.on_token = on_token
+            return (srv.submit(req), texts), None
         except UnknownUser:
             return None, _error(404, f"unknown model (user) {body.model!r}", "not_found_error")
         except QueueFull as e:
             return None, _error(429, str(e), "rate_limit_error")
-        except ValueError as e:
+        except ValueError as e:  # Refused too: the message names the field
             return None, _error(400, str(e), "invalid_request_error")
         except RuntimeError as e:  # the engine was closed
             return None, _error(503, str(e), "unavailable")
@@ -143,9 +145,6 @@ def build_app(srv: ServingEngine, tokenizer=None, base_name: str = "base",
             await asyncio.sleep(0.002)
         return True
 
-    def text(tokens: list[int]) -> str:
-        return tokenizer.decode(tokens, skip_special_tokens=True) if tokenizer is not None else ""
-
     def failed(req: Request):
         if req.finish_reason == "error" and req.error_type == "invalid_adapter":  # the tenant's own adapter
             return _error(400, req.error, "invalid_adapter")
@@ -158,37 +157,56 @@ def build_app(srv: ServingEngine, tokenizer=None, base_name: str = "base",
     @app.post("/v1/completions")
     async def completions(body: CompletionBody, http: HTTPRequest):
         if not body.stream:
-            req, err = submit(body, max_tokens=body.max_tokens or min(16, srv.max_new))
+            got, err = submit(body, http)
             if err is not None:
                 return err
+            req, texts = got
             if not await wait(req, http):
                 return _error(499, "client closed the request", "cancelled")
-            return failed(req) or completion_json(req, body.model, text(req.tokens))
+            return failed(req) or completion_json(req, body.model, texts)
         loop, q = asyncio.get_running_loop(), asyncio.Queue()
-        req, err = submit(body, max_tokens=body.max_tokens or min(16, srv.max_new),
-                          on_token=lambda t: loop.call_soon_threadsafe(q.put_nowait, t))
-
+        got, err = submit(body, http, on_token=lambda c: loop.call_soon_threadsafe(q.put_nowait, c))
         if err is not None:
             return err
+        req, texts = got
+
+        def chunk(choices):
+            body_ = {"id": req.id, "object": "text_completion", "model": body.model, "created": int(time.time()),
+                     "choices": choices}
+            return f"data: {json.dumps(body_)}\n\n"
 
         async def events():
-            sent = 0
+            """Per choice, what became visible since the last chunk (tokens, text, their logprobs); a tail
+            that may still turn into a stop sequence waits. Then each choice's finish, or the error."""
+            sent = {c.index: (0, 0) for c in req.choices}  # tokens, characters already sent
+            ended = set()
             try:
-                while True:
-                    if req.done.is_set() and sent == len(req.tokens):
-                        break
+                while len(ended) < len(req.choices):
                     try:
-                        tok = await asyncio.wait_for(q.get(), 0.05)
+                        snap = await asyncio.wait_for(q.get(), 0.05)
                     except asyncio.TimeoutError:
+                        if req.done.is_set() and q.empty():
+                            break
                         continue
-                    sent += 1
-                    chunk = {"id": req.id, "object": "text_completion", "model": body.model,
-                             "choices": [{"index": 0, "text": text([tok]), "token": tok, "finish_reason": None}]}
-                    yield f"data: {json.dumps(chunk)}\n\n"
-                end = {"id": req.id, "object": "text_completion", "model": body.model,
-                       "choices": [{"index": 0, "text": "", "finish_reason": req.finish_reason,
-                                    **({"error": req.error} if req.error else {})}]}
-                yield f"data: {json.dumps(end)}\n\ndata: [DONE]\n\n"
+                    if snap.index in ended:
+                        continue
+                    toks, text = texts.visible(snap)
+                    nt, nc = sent[snap.index]
+                    if len(toks) > nt or len(text) > nc or snap.finish_reason:
+                        c = {"index": snap.index, "text": text[nc:], "tokens": toks[nt:],
+                             "logprobs": logprobs_json(snap, texts, nt, len(toks)),
+                             "finish_reason": snap.finish_reason}
+                        if snap.finish_reason and snap.stop_reason is not None:
+                            c["stop_reason"] = snap.stop_reason
+                        sent[snap.index] = (max(nt, len(toks)), max(nc, len(text)))
+                        yield chunk([c])
+                    if snap.finish_reason:
+                        ended.add(snap.index)
+                if req.finish_reason not in (None, "stop", "length"):  # the request failed, timed out, ...
+                    yield chunk([{"index": c.index, "text": "", "finish_reason": req.finish_reason,
+                                  **({"error": req.error} if req.error else {})}
+                                 for c in req.choices if c.index not in ended])
+                yield "data: [DONE]\n\n"
             finally:  # the client went away (or we are done): never leave the request running
                 if not req.done.is_set():
                     srv.cancel(req.id)
@@ -197,9 +215,10 @@ def build_app(srv: ServingEngine, tokenizer=None, base_name: str = "base",
 
     @app.post("/v1/score")
     async def score(body: ScoreBody, http: HTTPRequest):
-        req, err = submit(body, labels=body.labels)
+        got, err = submit(body, http, labels=body.labels)
         if err is not None:
             return err
+        req = got[0]
         if not await wait(req, http):
             return _error(499, "client closed the request", "cancelled")
         return failed(req) or score_json(req, body.model)
@@ -212,16 +231,27 @@ def build_app(srv: ServingEngine, tokenizer=None, base_name: str = "base",
         return fut.result()
 
     @app.get("/v1/models")
-    async def models():
+    async def models(http: HTTPRequest):
+        """The base model and the users this key may call."""
+        who = tenant(http)
         loaded = set(await on_loop(lambda: list(srv.engine.users)))
-        users = sorted(loaded | set(srv.store.on_disk() if srv.store is not None else []))
+        users = sorted(u for u in loaded | set(srv.store.on_disk() if srv.store is not None else [])
+                       if who.may_call(u))
         return {"object": "list", "data": [{"id": base_name, "object": "model", "loaded": True}] +
                 [{"id": u, "object": "model", "loaded": u in loaded} for u in users]}
 
+    def may_manage(http, user):
+        who = tenant(http)
+        if not who.manage:
+            return _denied("manage adapters")
+        return None if who.may_call(user) else _denied(f"manage model {user!r}")
+
     @app.post("/v1/adapters/{user}")
-    async def load(user: str):
+    async def load(user: str, http: HTTPRequest):
         """(Re)load from the adapter folder; answers once the engine holds the new version, or with the truth:
         400 `loaded: false` and the reason when it failed, 504 `loaded: false` when it did not finish in time."""
+        if (denied := may_manage(http, user)) is not None:
+            return denied
         if srv.store is None or srv.store.path(user) is None:
             return _error(404, f"no adapter folder for user {user!r} in the store", "not_found_error")
         before = srv.engine.version(user)
@@ -241,9 +271,11 @@ def build_app(srv: ServingEngine, tokenizer=None, base_name: str = "base",
                                                                     "type": "timeout"}}, 504)
 
     @app.delete("/v1/adapters/{user}")
-    async def unload(user: str):
+    async def unload(user: str, http: HTTPRequest):
         """The check and the removal are one call on the step loop: concurrent DELETEs get one 200, the others
         404, never a 500."""
+        if (denied := may_manage(http, user)) is not None:
+            return denied
         def remove():
             if not srv.engine.has(user):
                 return False
@@ -261,7 +293,9 @@ def build_app(srv: ServingEngine, tokenizer=None, base_name: str = "base",
         return {"status": "closing" if state["closing"] else "ok", **srv.report()}
 
     @app.get("/metrics")
-    async def metrics():
+    async def metrics(http: HTTPRequest):
+        if keys is not None and "/metrics" not in keys.open and not tenant(http).metrics:
+            return _denied("read /metrics")
         from .metrics import render
         return PlainTextResponse(render(srv), media_type="text/plain; version=0.0.4")
 

@@ -4,7 +4,9 @@ Each replica is our ServingEngine with its own adapter store. Ray Serve's model 
 user id (the request's `model`), sends a user's requests to a replica that already holds that user's
 adapter, and evicts a replica's least recently used users beyond `users_per_replica` (the eviction unloads
 them from that replica's engine). An ingress deployment serves the single-process server's JSON API
-(`/v1/completions` without streaming, `/v1/score`, `/v1/models`, `/health`) and forwards each request.
+(`/v1/completions` without streaming, with every sampling option; `/v1/score`, `/v1/models`, `/health`), checks
+API keys and tenants' scopes there as the single-process server does (--api-key / --api-keys among the engine
+arguments), and forwards each request.
 
     python -m peftu_kernels.serve.replicas --model DIR --adapters DIR --replicas 2 [--port 8000]
 """
@@ -16,17 +18,40 @@ import threading
 import uuid
 from collections import Counter
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Request as HTTPRequest
 from fastapi.responses import JSONResponse
 from ray import serve
 
-from .http import CompletionBody, ScoreBody, completion_json, score_json
-from .scheduler import Request
+from .auth import bearer
+from .protocol import (CompletionBody, Refused, ScoreBody, completion_json, completion_request, refusals, score_json,
+                       stop_lists)
+from .scheduler import QueueFull, Request
 
 BASE = "base"
 # users each replica keeps (Ray Serve evicts the least recently used beyond it); set per application
 USERS_PER_REPLICA = int(os.environ.get("PEFTU_USERS_PER_REPLICA", "64"))
 app = FastAPI(title="peftu serving replicas")
+_AUTH = {"keys": None}  # the ingress actor's keys (set in Ingress.__init__; one ingress per process)
+
+
+def _err(status, message, kind):
+    return JSONResponse({"error": {"message": message, "type": kind}}, status_code=status)
+
+
+@app.middleware("http")
+async def _authenticate(http: HTTPRequest, call_next):
+    keys = _AUTH["keys"]
+    if keys is not None and http.url.path not in keys.open:
+        who = keys.who(bearer(http.headers.get("authorization")))
+        if who is None:
+            return _err(401, "missing or invalid API key (send Authorization: Bearer KEY)", "authentication_error")
+        http.state.tenant = who
+    return await call_next(http)
+
+
+def _may_call(http: HTTPRequest, model: str) -> bool:
+    who = getattr(http.state, "tenant", None)
+    return who is None or who.may_call(None if model == BASE else model)
 
 
 class _Held:
@@ -67,9 +92,18 @@ class Replica:
         return _Held(self, user)
 
     async def _run(self, req):
-        self.srv.submit(req)
+        """The finished request, or an error dict with the HTTP status the single-process server would give."""
+        try:
+            self.srv.submit(req)
+        except QueueFull as e:
+            return {"error": {"message": str(e), "type": "rate_limit_error"}, "status": 429}
+        except ValueError as e:
+            return {"error": {"message": str(e), "type": "invalid_request_error"}, "status": 400}
         while not req.done.is_set():
             await asyncio.sleep(0.002)
+        if req.error:
+            return {"error": {"message": req.error, "type": "server_error"},
+                    "status": 504 if req.finish_reason == "timeout" else 500}
         return req
 
     def _ids(self, p):
@@ -79,22 +113,22 @@ class Replica:
         user = serve.get_multiplexed_model_id()
         await self.get_user(user)
         self.counts[user] += 1
-        req = await self._run(Request(None if user == BASE else user, self._ids(body["prompt"]),
-                                      body.get("max_tokens") or min(16, self.srv.max_new)))
-        if req.error:
-            return {"error": {"message": req.error, "type": "server_error"}}
-        text = self.tok.decode(req.tokens, skip_special_tokens=True) if self.tok is not None else ""
-        return completion_json(req, user, text, replica=self.id)
+        b = CompletionBody.model_validate(body)
+        try:
+            req, texts = completion_request(b, None if user == BASE else user, self._ids(b.prompt),
+                                            b.max_tokens or min(16, self.srv.max_new), self.tok)
+        except ValueError as e:
+            return {"error": {"message": str(e), "type": "invalid_request_error"}, "status": 400}
+        req = await self._run(req)
+        return req if isinstance(req, dict) else completion_json(req, user, texts, replica=self.id)
 
     async def score(self, body: dict) -> dict:
         user = serve.get_multiplexed_model_id()
         await self.get_user(user)
         self.counts[user] += 1
         req = await self._run(Request(None if user == BASE else user, self._ids(body["prompt"]),
-                                      labels=[self._ids(x) for x in body["labels"]]))
-        if req.error:
-            return {"error": {"message": req.error, "type": "server_error"}}
-        return score_json(req, user, replica=self.id)
+                                      labels=[self._ids(x) for x in body["labels"]], timeout=body.get("timeout")))
+        return req if isinstance(req, dict) else score_json(req, user, replica=self.id)
 
     def stats(self) -> dict:
         return {"replica": self.id, "requests_by_user": dict(self.counts), "loaded": sorted(self.srv.engine.users)}
@@ -106,8 +140,10 @@ class Replica:
 @serve.deployment
 @serve.ingress(app)
 class Ingress:
-    def __init__(self, replica):
+    def __init__(self, replica, argv: list[str]):
+        from . import __main__ as cli
         self.replica = replica
+        _AUTH["keys"] = cli.keys_of(cli.parse(argv))
 
     async def _forward(self, method: str, model: str, body: dict):
         try:
@@ -118,23 +154,31 @@ class Ingress:
                                            "type": "not_found_error" if unknown else "server_error"}},
                                 status_code=404 if unknown else 500)
         if "error" in out:
-            return JSONResponse(out, status_code=500)
+            return JSONResponse({"error": out["error"]}, status_code=out.get("status", 500))
         return out
 
     @app.post("/v1/completions")
-    async def completions(self, body: CompletionBody):
+    async def completions(self, body: CompletionBody, http: HTTPRequest):
+        if not _may_call(http, body.model):  # before anything that could tell whether the user exists
+            return _err(403, f"this API key may not call model {body.model!r}", "permission_error")
         if body.stream:
-            return JSONResponse({"error": {"message": "streaming is served by the single-process server only",
-                                           "type": "invalid_request_error"}}, status_code=400)
+            return _err(400, "stream: streaming is served by the single-process server only", "invalid_request_error")
+        try:  # refused here, before a replica is picked
+            refusals(body)
+            stop_lists(body.stop, True)
+        except Refused as e:
+            return _err(400, str(e), "invalid_request_error")
         return await self._forward("complete", body.model, body.model_dump())
 
     @app.post("/v1/score")
-    async def score(self, body: ScoreBody):
+    async def score(self, body: ScoreBody, http: HTTPRequest):
+        if not _may_call(http, body.model):
+            return _err(403, f"this API key may not call model {body.model!r}", "permission_error")
         return await self._forward("score", body.model, body.model_dump())
 
     @app.get("/v1/models")
-    async def models(self):
-        users = await self.replica.users.remote()
+    async def models(self, http: HTTPRequest):
+        users = [u for u in await self.replica.users.remote() if _may_call(http, u)]
         return {"object": "list", "data": [{"id": u, "object": "model"} for u in [BASE] + users]}
 
     @app.get("/health")
@@ -148,7 +192,7 @@ def application(argv: list[str], replicas: int = 2, users_per_replica: int = 64,
     env = {"env_vars": {"PEFTU_USERS_PER_REPLICA": str(users_per_replica)}}
     rep = Replica.options(num_replicas=replicas, ray_actor_options={"num_cpus": cpus_per_replica,
                                                                     "runtime_env": env}).bind({"argv": argv})
-    return Ingress.options(ray_actor_options={"num_cpus": 0}).bind(rep)
+    return Ingress.options(ray_actor_options={"num_cpus": 0}).bind(rep, argv)
 
 
 def main(argv=None):

@@ -31,10 +31,12 @@ from typing import Callable
 import torch
 
 from ..generate import check_labels, score_encoded
+from ..sampling import GREEDY, Sampling, pick, row_generator
 from ..t5 import T5
 from ..tenancy import Engine, methods
 from .adapters import AdapterStore
 from .kv import KVPool, PoolRows
+from .usage import UserMetrics
 
 
 class UnknownUser(KeyError):
@@ -46,12 +48,30 @@ class QueueFull(RuntimeError):
 
 
 @dataclass(eq=False)
+class Choice:
+    """One of a generate request's n answers (its own KV row and random stream)."""
+    index: int
+    tokens: list[int] = field(default_factory=list)
+    logprobs: list[float] | None = None               # with Sampling.logprobs: per token
+    top_logprobs: list[list[tuple[int, float]]] | None = None
+    finish_reason: str | None = None                  # stop | length (the request's own reasons otherwise)
+    stop_reason: object = None                        # the stop sequence (ids) or "text" that ended it
+
+    def snapshot(self) -> "Choice":
+        """A copy the step thread will not change (for streaming consumers on other threads)."""
+        return Choice(self.index, list(self.tokens), None if self.logprobs is None else list(self.logprobs),
+                      None if self.top_logprobs is None else list(self.top_logprobs), self.finish_reason,
+                      self.stop_reason)
+
+
+@dataclass(eq=False)
 class Request:
     user: str | None
     input_ids: list[int]
     max_new_tokens: int = 16
     labels: list[list[int]] | None = None   # set: a score request (log-likelihood of each candidate)
-    on_token: Callable[[int], None] | None = None  # streaming; called on the engine's thread
+    # streaming: on_token(choice snapshot) after each step that changed a choice, on the engine's thread
+    on_token: Callable[[Choice], None] | None = None
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
     tokens: list[int] = field(default_factory=list)
     scores: list[float] | None = None
@@ -62,6 +82,16 @@ class Request:
     cancelled: bool = False
     timeout: float | None = None            # seconds from arrival; the server's request_timeout caps it
     error_type: str | None = None           # with an error: "invalid_adapter" when the user's own adapter is at fault
+    sampling: Sampling = GREEDY             # temperature, top_p, top_k, seed, stop ids, logprobs
+    n: int = 1                              # choices, each its own row, from one encoder pass
+    stop_when: Callable[[list[int]], bool] | None = None  # e.g. stop strings (the server's tokenizer); step thread
+    choices: list[Choice] = field(default_factory=list)
+
+    def __post_init__(self):
+        lp = self.sampling.logprobs is not None if isinstance(self.sampling, Sampling) else False
+        n = self.n if isinstance(self.n, int) and 1 <= self.n <= 1024 else 1  # bad n: refused by submit
+        self.choices = [Choice(i, self.tokens if i == 0 else [], [] if lp else None, [] if lp else None)
+                        for i in range(n)]  # req.tokens is choice 0's
 
     @property
     def kind(self) -> str:
@@ -76,6 +106,8 @@ class _Active:
     width: int         # cross keys used in the row
     version: object    # the user's version when admitted: a replace changes it, and the request fails
     last: int
+    choice: Choice = None
+    gen: torch.Generator | None = None  # the row's own random stream (sampling rows)
     t: int = 0
 
 
@@ -83,27 +115,30 @@ class ServingEngine:
     def __init__(self, model: T5, engine: Engine | None = None, store: AdapterStore | None = None,
                  max_rows: int = 32, max_input_len: int = 256, max_new_tokens: int = 64, max_virtual: int = 64,
                  encode_budget: int | None = None, max_queue: int = 4096, max_labels: int = 64,
-                 max_label_tokens: int = 2048, request_timeout: float = 120.0):
+                 max_label_tokens: int = 2048, request_timeout: float = 120.0, max_n: int = 8,
+                 metrics_users: int = 0):
         """Limits (each refused with a ValueError naming it; the HTTP server answers 400): max_input_len tokens
         per prompt, max_new_tokens per generate request, max_labels candidates and max_label_tokens label tokens
-        in all per score request, max_virtual virtual tokens or prefix length per adapter (checked when it is
+        in all per score request, max_n choices per generate request (and at most max_rows), max_virtual virtual tokens or prefix length per adapter (checked when it is
         loaded and at submit: a batch never fails for a neighbour's adapter); max_rows requests decoding at
         once, max_queue requests in flight (QueueFull beyond it). Every request ends by its deadline
         (request_timeout seconds after arrival, or the request's own shorter `timeout`): finish_reason
-        "timeout", whatever it waited on (a queue, an adapter load, the device tier)."""
+        "timeout", whatever it waited on (a queue, an adapter load, the device tier). metrics_users: how many of the
+        heaviest users get their own metric series (usage.UserMetrics; 0: none, all summed)."""
         if isinstance(request_timeout, bool) or not isinstance(request_timeout, (int, float)) or \
                 not request_timeout > 0:
             raise ValueError(f"ServingEngine: request_timeout must be a positive number of seconds, got "
                              f"{request_timeout!r}")
         self.request_timeout = float(request_timeout)
+        self.usage = UserMetrics(metrics_users)
         self.loop = {"state": "not started", "step_errors": 0, "last_error": None}
         limits = dict(max_rows=max_rows, max_input_len=max_input_len, max_new_tokens=max_new_tokens,
-                      max_queue=max_queue, max_labels=max_labels, max_label_tokens=max_label_tokens)
+                      max_queue=max_queue, max_labels=max_labels, max_label_tokens=max_label_tokens, max_n=max_n)
         for name, v in {**limits, "max_virtual": max_virtual, "encode_budget": encode_budget or 1}.items():
             least = 0 if name == "max_virtual" else 1
             if not isinstance(v, int) or isinstance(v, bool) or v < least:
                 raise ValueError(f"ServingEngine: {name} must be an int >= {least}, got {v!r}")
-        self.max_labels, self.max_label_tokens = max_labels, max_label_tokens
+        self.max_labels, self.max_label_tokens, self.max_n = max_labels, max_label_tokens, min(max_n, max_rows)
         self.closed = False
         self.model, self.cfg = model.eval(), model.cfg
         self.engine = engine or Engine(model)
@@ -174,8 +209,18 @@ class ServingEngine:
             if n > self.max_label_tokens:
                 raise ValueError(f"the labels have {n} tokens in all, this server takes at most "
                                  f"{self.max_label_tokens} per request (max_label_tokens)")
-        elif not isinstance(req.max_new_tokens, int) or not 1 <= req.max_new_tokens <= self.max_new:
-            raise ValueError(f"max_new_tokens must be in [1, {self.max_new}], got {req.max_new_tokens!r}")
+        else:
+            if not isinstance(req.max_new_tokens, int) or not 1 <= req.max_new_tokens <= self.max_new:
+                raise ValueError(f"max_new_tokens must be in [1, {self.max_new}], got {req.max_new_tokens!r}")
+            if isinstance(req.n, bool) or not isinstance(req.n, int) or not 1 <= req.n <= self.max_n:
+                raise ValueError(f"n must be an int in [1, {self.max_n}] (max_n), got {req.n!r}")
+            if len(req.choices) != req.n:
+                raise ValueError(f"the request has {len(req.choices)} choices for n={req.n}")
+            if req.stop_when is not None and not callable(req.stop_when):
+                raise ValueError("stop_when must be callable")
+        if not isinstance(req.sampling, Sampling):
+            raise ValueError(f"sampling must be a Sampling, got {type(req.sampling).__name__}")
+        req.sampling.check(V)
         t = req.timeout
         if t is not None and (isinstance(t, bool) or not isinstance(t, (int, float)) or not t > 0):
             raise ValueError(f"timeout must be a positive number of seconds, got {t!r}")
@@ -313,12 +358,35 @@ class ServingEngine:
         self.stats["cancelled"] += reason == "cancelled"
         self.stats["errors"] += reason == "error"
         self.stats["timeouts"] += reason == "timeout"
+        self.usage.record(req.user, reason, sum(len(c.tokens) for c in req.choices), len(req.input_ids),
+                          req.times["finished"] - req.times.get("arrival", req.times["finished"]))
         req.done.set()
 
     def _retire(self, a: _Active, reason: str, error: str | None = None) -> None:
+        """End a row: "stop" / "length" end its choice (the request when no other choice runs); any other
+        reason ends the request and all its rows. Rows already ended are left alone."""
+        if a not in self._active:
+            return
         self._active.remove(a)
         self.pool.release(a.row)
+        if reason in ("stop", "length"):
+            a.choice.finish_reason = reason
+            if a.req.on_token is not None:
+                self._emit(a.req, a.choice)
+            if any(b.req is a.req for b in self._active):
+                return
+            reason = a.req.choices[0].finish_reason
+        else:
+            for b in [b for b in self._active if b.req is a.req]:
+                self._active.remove(b)
+                self.pool.release(b.row)
         self._finish(a.req, reason, error)
+
+    def _emit(self, req: Request, choice: Choice) -> None:
+        try:
+            req.on_token(choice.snapshot())
+        except Exception:  # a broken stream consumer cancels its own request only
+            req.cancelled = True
 
     def _housekeeping(self) -> None:
         with self._lock:
@@ -377,7 +445,7 @@ class ServingEngine:
         out, budget, label_budget = [], self.encode_budget, self.max_label_tokens
         cap = self.engine.capacity
         users = {a.req.user for a in self._active if a.req.user is not None}
-        free = self.pool.free
+        free, rows_blocked = self.pool.free, False
         with self._lock:
             progress = True
             while progress and self._queues:
@@ -387,14 +455,20 @@ class ServingEngine:
                     r = q[0]
                     ready = u is None or self.engine.in_memory(u)
                     fits_dev = u is None or u in users or cap is None or len(users) < cap
-                    rows_needed = 1 if r.kind == "generate" else 0
+                    rows_needed = r.n if r.kind == "generate" else 0
                     label_tokens = sum(len(x) for x in r.labels) if r.labels is not None else 0
                     if ready and not fits_dev:
                         # a loaded user waits only for the device tier: nobody behind it in round-robin order goes
                         # first (the users on the device drain, one leaves, it is admitted next)
                         progress = False
                         break
-                    if not ready or len(r.input_ids) > budget or free < rows_needed or label_tokens > label_budget:
+                    if ready and rows_needed > free and not rows_blocked:
+                        # a request for n rows waits for rows to drain: generate requests behind it in round-robin
+                        # order do not take them first (score requests, which need no row, still go)
+                        rows_blocked = True
+                        continue
+                    if not ready or len(r.input_ids) > budget or (rows_needed and rows_blocked) or \
+                            free < rows_needed or label_tokens > label_budget:
                         continue
                     q.popleft()
                     self._queues.move_to_end(u)  # round robin: served users go to the back
@@ -466,20 +540,25 @@ class ServingEngine:
 
     def _seed_rows(self, reqs, gen, enc, emask, peft) -> None:
         m, pool = self.model, self.pool
+        gen = [i for i in gen for _ in range(reqs[i].n)]  # a row per choice, from the one encoder output
         sel = torch.tensor(gen, device=enc.device)
         sub = [reqs[i] for i in gen]
         speft = self.engine.batch([r.user for r in sub]) if peft is not None else None
         state = m.row_state(enc[sel], emask[sel], speft)
         W, P = state.cross_mask.shape[1], state.prefix_len
         if W > pool.cross_len or P > self.max_virtual:  # adapters past max_virtual are refused when loaded
-            for r in sub:
+            for r in dict.fromkeys(sub):
                 self._finish(r, "error", f"the batch needs {W} cross keys and a decoder prefix of {P}, over the "
                                          f"pool's {pool.cross_len} / max_virtual={self.max_virtual}")
             return
         rows = [pool.alloc() for _ in sub]
         pool.seed(rows, state)
+        k = 0
         for r, row in zip(sub, rows):
-            self._active.append(_Active(r, row, P, W, self.engine.version(r.user), self.cfg.decoder_start_token_id))
+            k = k + 1 if self._active and self._active[-1].req is r else 0  # choice index within the request
+            s = r.sampling
+            self._active.append(_Active(r, row, P, W, self.engine.version(r.user), self.cfg.decoder_start_token_id,
+                                        r.choices[k], None if s.greedy else row_generator(s.seed, k)))
 
     # --- one decoder step for every active request: the model's own step over the pool's rows ----------
     def _decode(self) -> None:
@@ -492,26 +571,47 @@ class ServingEngine:
                         max(a.width for a in act))
         logits = m.decode_rows(torch.tensor([a.last for a in act], device=dev), rows, peft)
         finite = torch.isfinite(logits).all(-1).tolist()
-        nxt = logits.argmax(-1).tolist()
+        if all(a.req.sampling.greedy and a.req.sampling.logprobs is None for a in act):  # the all-greedy step: argmax only, as before sampling
+            got = None
+            nxt = logits.argmax(-1).tolist()
+        else:
+            got = pick(logits, [a.req.sampling for a in act], [a.gen for a in act])
+            nxt = got.tokens
         now = time.perf_counter()
         self.stats["tokens"] += len(act)
-        for a, tok, ok in zip(list(act), nxt, finite):
+        for j, (a, tok, ok) in enumerate(zip(list(act), nxt, finite)):
+            if a not in self._active:  # a sibling choice failed this step
+                continue
             if not ok:  # this row's adapter overflows: it fails alone
                 self._retire(a, "error", f"user {a.req.user!r}: logits are not finite (the adapter overflows)")
                 continue
-            a.req.tokens.append(tok)
+            c = a.choice
+            c.tokens.append(tok)
+            if c.logprobs is not None:
+                c.logprobs.append(got.logprob[j])
+                c.top_logprobs.append(got.top[j])
             a.req.times.setdefault("first_token", now)
             a.t += 1
             a.last = tok
-            if a.req.on_token is not None:
+            hit = a.req.sampling.stopped(c.tokens) if a.req.sampling.stop else None
+            if hit is not None:  # a stop sequence is left out of the answer
+                for lst in (c.tokens, c.logprobs, c.top_logprobs):
+                    if lst is not None:
+                        del lst[len(lst) - len(hit):]
+                c.stop_reason = list(hit)
+            elif a.req.stop_when is not None:
                 try:
-                    a.req.on_token(tok)
-                except Exception:  # a broken stream consumer cancels its own request only
-                    a.req.cancelled = True
-            if tok == cfg.eos_token_id:
+                    if a.req.stop_when(c.tokens):
+                        hit = c.stop_reason = "text"
+                except Exception as e:  # confined to its own request
+                    self._retire(a, "error", f"the request's stop check failed ({type(e).__name__})")
+                    continue
+            if tok == cfg.eos_token_id or hit is not None:
                 self._retire(a, "stop")
             elif a.t >= a.req.max_new_tokens:
                 self._retire(a, "length")
+            elif a.req.on_token is not None:
+                self._emit(a.req, c)
 
     # --- reports -------------------------------------------------------------------------------------
     def report(self) -> dict:
