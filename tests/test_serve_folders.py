@@ -6,7 +6,6 @@ import ctypes
 import os
 import sys
 import threading
-from pathlib import Path
 
 import httpx
 import pytest

@@ -6,7 +6,6 @@ import random
 import threading
 
 import httpx
-import pytest
 from hypothesis import given, settings, strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 

@@ -41,6 +41,26 @@ def _denied(what: str) -> JSONResponse:
     return _error(403, f"this API key may not {what}", "permission_error")
 
 
+def json_errors(app: FastAPI) -> None:
+    """Every error as JSON {"error": {"message", "type"}}: validation failures 400 naming the field (unknown
+    fields too), framework refusals with their status, anything unexpected 500 without paths."""
+    @app.exception_handler(RequestValidationError)
+    async def _bad(request, exc):
+        msg = "; ".join(f"{'.'.join(str(x) for x in e['loc'][1:])}: {e['msg']}" for e in exc.errors())
+        return _error(400, msg or "invalid request", "invalid_request_error")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request, exc):  # unknown routes, wrong methods, framework-level refusals: JSON too
+        return _error(exc.status_code, str(exc.detail), "invalid_request_error" if exc.status_code < 500 else
+                      "server_error")
+
+    @app.exception_handler(Exception)
+    async def _any(request, exc):  # anything unexpected (a body too deeply nested to parse, ...): JSON, no paths
+        if isinstance(exc, RecursionError):
+            return _error(400, "the request body is nested too deeply", "invalid_request_error")
+        return _error(500, f"internal error ({type(exc).__name__})", "server_error")
+
+
 def build_app(srv: ServingEngine, tokenizer=None, base_name: str = "base",
               encode_prompt: Callable[[str | None, str], list[int]] | None = None, drain_seconds: float = 5.0,
               load_seconds: float = 60.0, keys: Keys | None = None):
@@ -94,21 +114,7 @@ def build_app(srv: ServingEngine, tokenizer=None, base_name: str = "base",
             http.state.tenant = who
         return await call_next(http)
 
-    @app.exception_handler(RequestValidationError)
-    async def _bad(request, exc):
-        msg = "; ".join(f"{'.'.join(str(x) for x in e['loc'][1:])}: {e['msg']}" for e in exc.errors())
-        return _error(400, msg or "invalid request", "invalid_request_error")
-
-    @app.exception_handler(StarletteHTTPException)
-    async def _http(request, exc):  # unknown routes, wrong methods, framework-level refusals: JSON too
-        return _error(exc.status_code, str(exc.detail), "invalid_request_error" if exc.status_code < 500 else
-                      "server_error")
-
-    @app.exception_handler(Exception)
-    async def _any(request, exc):  # anything unexpected (a body too deeply nested to parse, ...): JSON, no paths
-        if isinstance(exc, RecursionError):
-            return _error(400, "the request body is nested too deeply", "invalid_request_error")
-        return _error(500, f"internal error ({type(exc).__name__})", "server_error")
+    json_errors(app)
 
     def submit(body, http, labels=None, on_token=None):
         """(Request, Texts) submitted, or an error response. The key's scope is checked before anything else,

@@ -23,6 +23,7 @@ from fastapi.responses import JSONResponse
 from ray import serve
 
 from .auth import bearer
+from .http import json_errors
 from .protocol import (CompletionBody, Refused, ScoreBody, completion_json, completion_request, refusals, score_json,
                        stop_lists)
 from .scheduler import QueueFull, Request
@@ -31,27 +32,11 @@ BASE = "base"
 # users each replica keeps (Ray Serve evicts the least recently used beyond it); set per application
 USERS_PER_REPLICA = int(os.environ.get("PEFTU_USERS_PER_REPLICA", "64"))
 app = FastAPI(title="peftu serving replicas")
-_AUTH = {"keys": None}  # the ingress actor's keys (set in Ingress.__init__; one ingress per process)
+json_errors(app)
 
 
 def _err(status, message, kind):
     return JSONResponse({"error": {"message": message, "type": kind}}, status_code=status)
-
-
-@app.middleware("http")
-async def _authenticate(http: HTTPRequest, call_next):
-    keys = _AUTH["keys"]
-    if keys is not None and http.url.path not in keys.open:
-        who = keys.who(bearer(http.headers.get("authorization")))
-        if who is None:
-            return _err(401, "missing or invalid API key (send Authorization: Bearer KEY)", "authentication_error")
-        http.state.tenant = who
-    return await call_next(http)
-
-
-def _may_call(http: HTTPRequest, model: str) -> bool:
-    who = getattr(http.state, "tenant", None)
-    return who is None or who.may_call(None if model == BASE else model)
 
 
 class _Held:
@@ -143,7 +128,21 @@ class Ingress:
     def __init__(self, replica, argv: list[str]):
         from . import __main__ as cli
         self.replica = replica
-        _AUTH["keys"] = cli.keys_of(cli.parse(argv))
+        # checked in each route: a middleware on the module's app did not see keys set here under Ray Serve
+        # (test_serve_replicas answered 200 without a key); a body that fails validation is 400 before this check
+        self.keys = cli.keys_of(cli.parse(argv))
+
+    def _scope(self, http: HTTPRequest, model: str | None = None, route: str = ""):
+        """None when the request may go on; else the 401 / 403 answer (scope checked before existence)."""
+        if self.keys is None or route in self.keys.open:
+            return None
+        who = self.keys.who(bearer(http.headers.get("authorization")))
+        if who is None:
+            return _err(401, "missing or invalid API key (send Authorization: Bearer KEY)", "authentication_error")
+        if model is not None and not who.may_call(None if model == BASE else model):
+            return _err(403, f"this API key may not call model {model!r}", "permission_error")
+        http.state.tenant = who
+        return None
 
     async def _forward(self, method: str, model: str, body: dict):
         try:
@@ -159,8 +158,8 @@ class Ingress:
 
     @app.post("/v1/completions")
     async def completions(self, body: CompletionBody, http: HTTPRequest):
-        if not _may_call(http, body.model):  # before anything that could tell whether the user exists
-            return _err(403, f"this API key may not call model {body.model!r}", "permission_error")
+        if (denied := self._scope(http, body.model)) is not None:  # before anything that tells if the user exists
+            return denied
         if body.stream:
             return _err(400, "stream: streaming is served by the single-process server only", "invalid_request_error")
         try:  # refused here, before a replica is picked
@@ -172,17 +171,22 @@ class Ingress:
 
     @app.post("/v1/score")
     async def score(self, body: ScoreBody, http: HTTPRequest):
-        if not _may_call(http, body.model):
-            return _err(403, f"this API key may not call model {body.model!r}", "permission_error")
+        if (denied := self._scope(http, body.model)) is not None:
+            return denied
         return await self._forward("score", body.model, body.model_dump())
 
     @app.get("/v1/models")
     async def models(self, http: HTTPRequest):
-        users = [u for u in await self.replica.users.remote() if _may_call(http, u)]
+        if (denied := self._scope(http)) is not None:
+            return denied
+        who = getattr(http.state, "tenant", None)
+        users = [u for u in await self.replica.users.remote() if who is None or who.may_call(u)]
         return {"object": "list", "data": [{"id": u, "object": "model"} for u in [BASE] + users]}
 
     @app.get("/health")
-    async def health(self):
+    async def health(self, http: HTTPRequest):
+        if (denied := self._scope(http, route="/health")) is not None:
+            return denied
         return {"status": "ok"}
 
 
