@@ -227,3 +227,96 @@ def test_sse_chunks_are_json_with_a_done_marker(world):
     assert lines[-1] == "[DONE]"
     ends = [c for x in lines[:-1] for c in json.loads(x)["choices"] if c["finish_reason"]]
     assert sorted(c["index"] for c in ends) == [0, 1]
+
+
+# --- the engine itself, as a hostile client would use these options ---------------------------------------------
+@pytest.fixture(scope="module")
+def engine_world(tmp_path_factory):
+    m = model()
+    root = tmp_path_factory.mktemp("engine-users")
+    write_users(m, root)
+    return m, root
+
+
+def _engine(m, root, rows=4, **kw):
+    from peftu_kernels.serve import Request  # noqa: F401
+    eng = Engine(m, backend="reference", capacity=4)
+    return ServingEngine(m, eng, AdapterStore(eng, root, host_capacity=8), max_rows=rows, max_input_len=24,
+                         max_new_tokens=8, max_virtual=8, **kw)
+
+
+def test_a_request_for_many_rows_is_not_starved_by_a_flood_of_single_rows(engine_world):
+    import time
+
+    from peftu_kernels.serve import Request
+    m, root = engine_world
+    srv = _engine(m, root, rows=4, max_n=4)
+    users = [u for u, *_ in USERS[:4]]
+    for u in users:  # loaded first: the bound below counts decode steps, not disk reads
+        srv.submit(Request(u, [5], 1))
+    srv.run_until_idle()
+    t_end, steps, big = time.perf_counter() + 120, 0, None
+    while (big is None or not big.done.is_set()) and time.perf_counter() < t_end:
+        for k, u in enumerate(users[1:]):  # every step, more one-row requests from the other users, of
+            if srv.pending() < 40:         # staggered lengths: rows free one at a time, never all at once
+                srv.submit(Request(u, [8, 9], 1 + (steps * 3 + k * 5) % 8))
+        srv.step()
+        if big is None and srv.pool.used == srv.pool.rows:  # the flood holds every row: now ask for all four
+            big, steps = srv.submit(Request(users[0], [5, 6, 7], 8, n=4, sampling=Sampling(1.0, seed=1))), 0
+        steps += big is not None
+    assert big.done.is_set() and big.error is None and len(big.choices) == 4, (steps, big.finish_reason)
+    # bound: the rows drain (each holder ends within max_new_tokens steps), then it is admitted; plus its own 8
+    assert steps <= 8 + 8 + 4, steps
+    srv.close()
+    srv.run_until_idle()
+    assert srv.pool.used == 0
+
+
+def test_cancelling_or_timing_out_a_request_with_n_rows_frees_every_row(engine_world):
+    import time
+
+    from peftu_kernels.serve import Request
+    m, root = engine_world
+    srv = _engine(m, root, rows=6, max_n=3)
+    for u in (USERS[0][0], USERS[1][0], USERS[2][0]):
+        srv.submit(Request(u, [5], 1))
+    srv.run_until_idle()
+    a = srv.submit(Request(USERS[0][0], [5, 6], 8, n=3, sampling=Sampling(0.8, seed=2)))
+    b = srv.submit(Request(USERS[1][0], [5, 6], 8, n=3, timeout=1.0))
+    srv.step()
+    assert srv.pool.used == 6
+    srv.cancel(a.id)
+    time.sleep(max(0.0, b.times["deadline"] - time.perf_counter()) + 0.01)
+    srv.step()
+    assert a.finish_reason == "cancelled" and b.finish_reason == "timeout" and srv.pool.used == 0
+    c = srv.submit(Request(USERS[2][0], [5, 6], 3, n=3))  # the rows are usable again
+    srv.run_until_idle()
+    assert c.finish_reason == "length" and srv.pool.used == 0
+
+
+def test_a_failing_stream_consumer_or_stop_check_fails_only_its_own_request(engine_world):
+    from peftu_kernels.serve import Request
+    m, root = engine_world
+    srv = _engine(m, root, rows=4)
+
+    def boom(*_):
+        raise RuntimeError("consumer broke")
+    bad_stream = srv.submit(Request(USERS[0][0], [5, 6], 6, on_token=boom, n=2))
+    bad_stop = srv.submit(Request(USERS[1][0], [5, 6], 6, stop_when=boom))
+    ok = srv.submit(Request(USERS[2][0], [5, 6], 6, sampling=Sampling(1.0, seed=3)))
+    srv.run_until_idle()
+    assert bad_stream.finish_reason == "cancelled" and bad_stop.finish_reason == "error"
+    assert ok.finish_reason in ("stop", "length") and ok.error is None and srv.pool.used == 0
+
+
+@pytest.mark.parametrize("kw,msg", [({"n": 5}, "n must be"), ({"n": 0}, "n must be"), ({"n": True}, "n must be"),
+                                    ({"sampling": "greedy"}, "sampling must be"),
+                                    ({"sampling": Sampling(temperature=3)}, "temperature"),
+                                    ({"stop_when": 5}, "stop_when")])
+def test_the_engine_refuses_bad_options_by_name(engine_world, kw, msg):
+    from peftu_kernels.serve import Request
+    m, root = engine_world
+    srv = _engine(m, root, rows=4, max_n=8)  # max_n is capped by max_rows (4)
+    with pytest.raises(ValueError, match=msg):
+        srv.submit(Request(USERS[0][0], [5, 6], 4, **kw))
+    assert srv.pending() == 0
