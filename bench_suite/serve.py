@@ -49,8 +49,13 @@ def main(argv=None):
     ap.add_argument("--out", default="runs/default", help="the run's output folder")
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, default=8000)
+    ap.add_argument("--api-key", default=None, help="one key for every route (default: $PEFTU_API_KEY)")
+    ap.add_argument("--api-keys", default=None, metavar="FILE", help="tenants: keys, their users and rights (JSON)")
     a = ap.parse_args(argv)
     import uvicorn
+
+    from peftu_kernels.serve.__main__ import keys_of
+    keys = keys_of(a)  # a key file that cannot be used stops here, before the model loads
 
     from peftu_kernels.serve import ServingEngine
     from peftu_kernels.serve.http import build_app
@@ -65,7 +70,7 @@ def main(argv=None):
         return ids[-max_len:]
     srv = ServingEngine(model, eng, max_rows=32, max_input_len=max_len, max_new_tokens=16)
     print(f"serving {len(users)} users of {a.out} on http://{a.host}:{a.port} (models: GET /v1/models)")
-    uvicorn.run(build_app(srv, tok, encode_prompt=encode), host=a.host, port=a.port, log_level="info")
+    uvicorn.run(build_app(srv, tok, encode_prompt=encode, keys=keys), host=a.host, port=a.port, log_level="info")
 
 
 if __name__ == "__main__":

@@ -4,7 +4,9 @@ python -m benchmarks.serve_trace [--shape flan-t5-small] [--users 256] [--rates 
 Contenders on the same trace, in the same process: our continuous batching (`ServingEngine`); our static
 batching (collect up to --batch requests or --wait-ms, then `greedy` to the batch's longest request); one
 request at a time (the paper's protocol); and, on a LoRA-only copy of the trace, HF PEFT's static mixed batch
-(`adapter_names`) beside our continuous batching. Also the base model (no adapters) on the same arrivals.
+(`adapter_names`) beside our continuous batching. Also the base model (no adapters) on the same arrivals, and
+`continuous_sampling`: the same trace with a --sampling share of its requests sampling (temperature 0.8,
+top_p 0.95, each its own seed), the rest greedy.
 Per rate: throughput, time to first token, p50/p99 latency; per contender the highest rate whose p99 stays
 within --slo seconds with every request finished. --http R replays the trace at R req/s through the real
 HTTP server on 127.0.0.1 (async httpx) beside the same trace in-process. Random weights (speed needs none).
@@ -22,6 +24,7 @@ from benchmarks.serving import peft_model, randomize
 from benchmarks.t5_forward import build
 from peftu_kernels.generate import greedy
 from peftu_kernels.init import new_module
+from peftu_kernels.sampling import GREEDY, Sampling
 from peftu_kernels.serve import Request, ServingEngine
 from peftu_kernels.tenancy import Engine
 
@@ -64,13 +67,16 @@ def _pad(batch, device):
     return ids.to(device), mask.to(device)
 
 
-def run_continuous(srv: ServingEngine, trace, names, deadline):
+def run_continuous(srv: ServingEngine, trace, names, deadline, share: float = 0.0):
+    """`share`: that fraction of the requests (every k-th by a fixed rule, the same ones in each run) sample."""
     start, i, reqs = time.perf_counter(), 0, []
+    samples = lambda i: (i * 0.6180339887) % 1.0 < share  # noqa: E731  (low-discrepancy: spread over the trace)
     while (i < len(trace) or srv.pending()) and time.perf_counter() - start < deadline:
         now = time.perf_counter() - start
         while i < len(trace) and trace[i]["t"] <= now:
             r = trace[i]
-            reqs.append((start + r["t"], srv.submit(Request(names(r["user"]), r["ids"], r["new"]))))
+            s = Sampling(0.8, 0.95, seed=i) if samples(i) else GREEDY
+            reqs.append((start + r["t"], srv.submit(Request(names(r["user"]), r["ids"], r["new"], sampling=s))))
             i += 1
         if srv.pending():
             srv.step()
@@ -144,7 +150,9 @@ def main(argv=None):
     ap.add_argument("--encode-budget", type=int, default=None,
                     help="continuous batching: encoder tokens admitted per step (default: the engine's, --max-len)")
     ap.add_argument("--max-len", type=int, default=256)
-    ap.add_argument("--contenders", default="continuous,static,one_at_a_time,base,hf_peft,continuous_lora")
+    ap.add_argument("--contenders", default="continuous,static,one_at_a_time,base,hf_peft,continuous_lora,"
+                                            "continuous_sampling")
+    ap.add_argument("--sampling", type=float, default=0.25, help="continuous_sampling: share of sampling requests")
     ap.add_argument("--lora-only", action="store_true", help="every user LoRA r8 (the GPU check's 1,000 users)")
     ap.add_argument("--http", type=float, default=None, help="also replay at this rate through the HTTP server")
     ap.add_argument("--out", default="results/serve_trace.jsonl")
@@ -201,6 +209,7 @@ def main(argv=None):
         "base": lambda tr: run_continuous(serving(mixed), tr, lambda i: None, deadline()),
         "hf_peft": lambda tr: run_static(hf_static, tr, a.batch, a.wait_ms / 1e3, deadline(), dev),
         "continuous_lora": lambda tr: run_continuous(serving(lora), tr, name, deadline()),
+        "continuous_sampling": lambda tr: run_continuous(serving(mixed), tr, name, deadline(), a.sampling),
     }
     # untimed warm-up of every path (first calls allocate, compile, fill caches)
     warm = make_trace(50, 0.2, a.users, lengths, cfg.vocab_size, 99)
@@ -218,9 +227,11 @@ def main(argv=None):
     ratios = {}
     for slo in slos:
         b = lambda c: best[slo].get(c, 0.0)  # noqa: E731
-        for x, y in (("continuous", "static"), ("continuous_lora", "hf_peft"), ("continuous", "base")):
+        for x, y in (("continuous", "static"), ("continuous_lora", "hf_peft"), ("continuous", "base"),
+                     ("continuous_sampling", "continuous")):
             if x in want and y in want:
-                ratios[f"{x}_vs_{y}@{slo:g}s"] = b(x) / b(y) if b(y) else float("inf")
+                # neither within the bound: no ratio (it was printed as inf)
+                ratios[f"{x}_vs_{y}@{slo:g}s"] = b(x) / b(y) if b(y) else (float("inf") if b(x) else None)
     if a.http:
         rows.append(http_run(serving(mixed), a.http, a.duration, a.users, lengths, cfg.vocab_size, a.slo,
                              contenders["continuous"]))
@@ -230,7 +241,7 @@ def main(argv=None):
                        "p99_s", "meets_slo"]))
     print()
     print(table(summary, ["contender"] + [f"max_rate_p99<={slo:g}s" for slo in slos]))
-    print("ratios (highest rate within the SLO):", {k: round(v, 2) for k, v in ratios.items()})
+    print("ratios (highest rate within the SLO):", {k: v if v is None else round(v, 2) for k, v in ratios.items()})
     write_jsonl(a.out, rows + summary + [{"ratios": ratios}], env)
 
 
