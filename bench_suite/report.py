@@ -30,14 +30,14 @@ def add_stats(rows: list[dict]) -> dict:
     for r in rows:
         if not r.get("per_example"):
             continue
-        c = stats.cell(r["per_example"])
+        c = stats.cell(r["per_example"], seed=stats.task_seed(r["task"]))
         cells.setdefault(r["method"], []).append(c)
         r["ci95"] = [c["lo"], c["hi"]]
         for ref in ("majority", "zero-shot"):
             o = by.get((r["task"], ref))
             if o is None or o is r or not o.get("per_example"):
                 continue
-            p = stats.paired(r["per_example"], o["per_example"])
+            p = stats.paired(r["per_example"], o["per_example"], seed=stats.task_seed(r["task"]))
             pairs.setdefault((r["method"], ref), []).append(p)
             r["vs_" + ref.replace("-", "_")] = {k: v for k, v in p.items() if k != "replicates"}
     avg = {m: stats.average(cs) for m, cs in cells.items()}

@@ -9,9 +9,17 @@ An average over tasks resamples each task independently and averages the replica
 """
 from __future__ import annotations
 
+import zlib
+
 import numpy as np
 
 B = 2000
+
+
+def task_seed(task: str) -> int:
+    """Each task's bootstrap seed (stable across runs and machines): tasks resampled independently, so an
+    average over tasks is not one draw of user indices repeated in every task."""
+    return zlib.crc32(task.encode("utf-8"))
 
 
 def replicates(per_example: dict[str, list[float]], b: int = B, seed: int = 0) -> np.ndarray:

@@ -49,3 +49,23 @@ def test_averages_over_tasks_narrow_the_interval():
     avg = stats.average(cells)
     assert avg["lo"] < avg["mean"] < avg["hi"]
     assert avg["hi"] - avg["lo"] < np.mean([c["hi"] - c["lo"] for c in cells])
+
+
+def test_the_report_resamples_each_task_independently():
+    """Two tasks with the same data: averaged, the interval narrows by about 1/sqrt(2) only if their bootstraps
+    are independent (one seed for every task repeats the same draws and keeps the width)."""
+    from bench_suite.report import add_stats
+    rng = np.random.default_rng(5)
+    data, _ = users(rng)
+    floor = {u: [0] * len(x) for u, x in data.items()}
+    rows = [{"task": t, "method": m, "per_example": d} for t in ("task-a", "task-b")
+            for m, d in (("lora", data), ("majority", floor))]
+    avg = add_stats(rows)
+    one = rows[0]["ci95"][1] - rows[0]["ci95"][0]
+    assert rows[0]["ci95"] != rows[2]["ci95"]  # same data, different draws
+    assert avg["lora"]["hi"] - avg["lora"]["lo"] < 0.85 * one
+    pair_one = rows[0]["vs_majority"]["hi"] - rows[0]["vs_majority"]["lo"]
+    assert avg["lora"]["vs_majority"]["hi"] - avg["lora"]["vs_majority"]["lo"] < 0.85 * pair_one
+    again = [{**r, "per_example": r["per_example"]} for r in rows]
+    add_stats(again)
+    assert [r["ci95"] for r in again] == [r["ci95"] for r in rows]  # and the same on a second run
