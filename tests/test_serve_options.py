@@ -174,6 +174,8 @@ def test_sampled_tokens_through_the_server_follow_the_distribution(world):
     ({"top_k": -2}, "top_k"), ({"top_k": 500}, "top_k"), ({"seed": -1}, "seed"), ({"stop": [""]}, "stop[0]"),
     ({"stop": ["a"] * 9}, "stop"), ({"stop": [[]]}, "stop[0]"), ({"stop": [5, "a"]}, "stop"),
     ({"stop": [[5, 10 ** 6]]}, "stop sequence 0"), ({"temperature": "hot"}, "temperature"),
+    ({"logprobs": True}, "logprobs"), ({"n": 2.0}, "n"), ({"seed": "7"}, "seed"), ({"prompt": [True, 5]}, "prompt"),
+    ({"max_tokens": True}, "max_tokens"), ({"stop": [True]}, "stop"),
 ])
 def test_options_not_honoured_are_refused_by_name(world, body, field):
     m, srv, url, oracle, tok, client = world

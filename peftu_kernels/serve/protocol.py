@@ -29,7 +29,7 @@ class Refused(ValueError):
 
 
 class CompletionBody(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)  # no bool-to-int or str-to-number coercion
     model: str = Field(min_length=1)
     prompt: Prompt
     max_tokens: int | None = Field(None, ge=1)  # default: 16, or the server's cap if lower
@@ -53,7 +53,7 @@ class CompletionBody(BaseModel):
 
 
 class ScoreBody(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)  # no bool-to-int or str-to-number coercion
     model: str = Field(min_length=1)
     prompt: Prompt
     labels: list[Prompt] = Field(min_length=1)
