@@ -60,3 +60,23 @@ def test_cli_small_slice_end_to_end(tmp_path, capsys):
     run.main(args)
     again = [json.loads(x) for x in open(out / "results.jsonl")]
     assert [r["accuracy"] for r in again] == [r["accuracy"] for r in rows]
+
+
+# measured, not computed: they change between runs on a shared machine; everything else must not
+TIMED = {"env", "train_seconds", "train_examples_per_s", "infer_ratio", "infer_ratio_lo", "infer_ratio_hi",
+         "infer_examples_per_s"}
+
+
+def test_two_fresh_runs_give_byte_identical_results(tmp_path):
+    """Determinism checked, not claimed: a small default (two tasks, a few users, global model included) run
+    twice from fresh caches; every result field but the timings and the environment block is the same JSON."""
+    args = ["--tasks", "tweeteval,studemo", "--methods", "majority,lora,ia3", "--users-per-task", "3",
+            "--max-train", "8", "--epochs", "1", "--max-len", "64", "--max-new-tokens", "4",
+            "--global-examples-per-task", "100", "--no-progress"]
+    lines = []
+    for i in range(2):
+        run.main(args + ["--out", str(tmp_path / f"run{i}" / "out"), "--cache", str(tmp_path / f"run{i}" / "cache")])
+        rows = [json.loads(x) for x in open(tmp_path / f"run{i}" / "out" / "results.jsonl")]
+        lines.append([json.dumps({k: v for k, v in r.items() if k not in TIMED}, sort_keys=True) for r in rows])
+    assert len(lines[0]) == 6 and lines[0] == lines[1]
+    assert all('"per_example"' in x and '"ci95"' in x for x in lines[0])
