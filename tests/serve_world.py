@@ -52,3 +52,17 @@ class Oracle:
 
     def scores(self, user, ids, labels):
         return score_labels(self.m, torch.tensor([ids]), None, labels, self.eng.batch([user]) if user else None)[0]
+
+
+def text_server(root: Path, capacity: int, host: int, **limits):
+    """The model, every user's folder under root, a tiny tokenizer and a ServingEngine over them (the HTTP
+    tests' world): (model, server, user -> modules, tokenizer)."""
+    from peftu_kernels import train_tokenizer
+    from peftu_kernels.serve import AdapterStore, ServingEngine
+    m = model()
+    mods = write_users(m, root)
+    tok = train_tokenizer(["hello world this is a test", "another sentence here", "yes no maybe"], vocab_size=60)
+    eng = Engine(m, backend="reference", capacity=capacity)
+    srv = ServingEngine(m, eng, AdapterStore(eng, root, host_capacity=host), max_input_len=24, max_new_tokens=8,
+                        max_virtual=8, **limits)
+    return m, srv, mods, tok

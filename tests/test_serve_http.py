@@ -8,22 +8,15 @@ import time
 import httpx
 import pytest
 
-from peftu_kernels import train_tokenizer
 from peftu_kernels.serve import AdapterStore, ServingEngine
 from peftu_kernels.serve.http import build_app, serve_in_thread
 from peftu_kernels.tenancy import Engine
-from serve_world import USERS, Oracle, model, write_users
+from serve_world import USERS, Oracle, model, text_server, write_users
 
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    m = model()
-    root = tmp_path_factory.mktemp("users")
-    mods = write_users(m, root)
-    tok = train_tokenizer(["hello world this is a test", "another sentence here", "yes no maybe"], vocab_size=60)
-    eng = Engine(m, backend="reference", capacity=4)
-    srv = ServingEngine(m, eng, AdapterStore(eng, root, host_capacity=6), max_rows=3, max_input_len=24,
-                        max_new_tokens=8, max_virtual=8, max_queue=64)
+    m, srv, mods, tok = text_server(tmp_path_factory.mktemp("users"), 4, 6, max_rows=3, max_queue=64)
     with serve_in_thread(build_app(srv, tok)) as url:
         yield m, srv, url, Oracle(m, mods), tok
 

@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 import torch
 
-from peftu_kernels import Sampling, sample, train_tokenizer
+from peftu_kernels import Sampling, sample
 from peftu_kernels.sampling import row_generator
 from peftu_kernels.serve import AdapterStore, ServingEngine
 from peftu_kernels.serve.http import build_app, serve_in_thread
 from peftu_kernels.tenancy import Engine
-from serve_world import USERS, Oracle, model, write_users
+from serve_world import USERS, Oracle, model, text_server, write_users
 
 openai = pytest.importorskip("openai", reason="needs the openai SDK (the test extra)")
 scipy_stats = pytest.importorskip("scipy.stats", reason="needs scipy (the test extra) for the chi-square test")
@@ -22,13 +22,7 @@ scipy_stats = pytest.importorskip("scipy.stats", reason="needs scipy (the test e
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    m = model()
-    root = tmp_path_factory.mktemp("users")
-    mods = write_users(m, root)
-    tok = train_tokenizer(["hello world this is a test", "another sentence here", "yes no maybe"], vocab_size=60)
-    eng = Engine(m, backend="reference", capacity=6)
-    srv = ServingEngine(m, eng, AdapterStore(eng, root, host_capacity=12), max_rows=8, max_input_len=24,
-                        max_new_tokens=8, max_virtual=8, max_queue=256, max_n=4)
+    m, srv, mods, tok = text_server(tmp_path_factory.mktemp("users"), 6, 12, max_rows=8, max_queue=256, max_n=4)
     with serve_in_thread(build_app(srv, tok)) as url:
         yield m, srv, url, Oracle(m, mods), tok, openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
 
@@ -241,7 +235,6 @@ def engine_world(tmp_path_factory):
 
 
 def _engine(m, root, rows=4, **kw):
-    from peftu_kernels.serve import Request  # noqa: F401
     eng = Engine(m, backend="reference", capacity=4)
     return ServingEngine(m, eng, AdapterStore(eng, root, host_capacity=8), max_rows=rows, max_input_len=24,
                          max_new_tokens=8, max_virtual=8, **kw)
