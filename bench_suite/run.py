@@ -61,7 +61,8 @@ def parse(argv=None):
     ap.add_argument("--data-dir", default=None, help="data root (default: $PEFTU_DATA, then ../shared/data)")
     ap.add_argument("--out", default="runs/default", help="output folder (reused: finished parts are kept)")
     ap.add_argument("--cache", default=None, help="model cache folder (default: <out>/../cache)")
-    ap.add_argument("--full", action="store_true", help="every task, every user, the paper's settings")
+    ap.add_argument("--full", action="store_true",
+                    help="every user, every example, the paper's lengths (512 in, 128 out), unless given here")
     # many users per task (what the multi-user trainer is for), each with fewer examples and epochs, so that
     # the intervals narrow within the same time budget (docs/benchmark.md)
     ap.add_argument("--users-per-task", type=_positive, default=12)
@@ -79,8 +80,10 @@ def parse(argv=None):
     ap.add_argument("--no-progress", action="store_true")
     ap.add_argument("--verbose", action="store_true", help="name every missing data file in full")
     a = ap.parse_args(argv)
-    if a.full:
-        a.users_per_task, a.max_train, a.max_len, a.max_new_tokens = None, None, 512, 128
+    if a.full:  # the paper's settings, for every one of these not given on the command line
+        for k, v in (("users_per_task", None), ("max_train", None), ("max_len", 512), ("max_new_tokens", 128)):
+            if getattr(a, k) == ap.get_default(k):
+                setattr(a, k, v)
     a.progress = not a.no_progress
     return a
 

@@ -80,3 +80,25 @@ def test_two_fresh_runs_give_byte_identical_results(tmp_path):
         lines.append([json.dumps({k: v for k, v in r.items() if k not in TIMED}, sort_keys=True) for r in rows])
     assert len(lines[0]) == 6 and lines[0] == lines[1]
     assert all('"per_example"' in x and '"ci95"' in x for x in lines[0])
+
+
+def test_full_protocol_smoke_on_a_local_hf_folder(tmp_path):
+    """--full --model FOLDER end to end (one task, two users, one epoch, short answers) on a Hugging Face folder of
+    random weights with its own tokenizer, so the paper's path (whole prompts, no truncation, the checkpoint as
+    it is) cannot rot unseen."""
+    from peftu_kernels import T5, T5Config, save_pretrained, train_tokenizer
+    folder = tmp_path / "hf-model"
+    tok = train_tokenizer(["this is a tweet about the weather", "Label: positive negative neutral",
+                           "Classify the sentiment of the text"], vocab_size=300)
+    save_pretrained(T5.from_config(T5Config.from_name("tiny", vocab_size=len(tok)), seed=3), folder)
+    tok.save_pretrained(str(folder))
+    args = ["--full", "--model", str(folder), "--tasks", "tweeteval", "--methods", "majority,zero-shot,lora",
+            "--users-per-task", "2", "--max-train", "16", "--epochs", "1", "--max-new-tokens", "4",
+            "--out", str(tmp_path / "out"),
+            "--no-progress"]
+    assert run.parse(args).max_len == 512 and run.parse(["--full"]).max_train is None  # the paper's, where not given
+    run.main(args)
+    rows = {r["method"]: r for r in map(json.loads, open(tmp_path / "out" / "results.jsonl"))}
+    assert set(rows) == {"majority", "zero-shot", "lora"} and all(r["n_users"] == 2 for r in rows.values())
+    assert rows["lora"]["env"]["model"] == str(folder) and rows["lora"]["env"]["settings"]["full"] is True
+    assert all(0 <= r["accuracy"] <= 100 for r in rows.values())
