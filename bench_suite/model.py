@@ -15,13 +15,16 @@ from peftu_kernels.optim import linear_warmup
 from peftu_kernels.train import collate, token_losses
 
 from .data import build_prompts, split_users
+from .pretrain import SENTINELS, corpus_texts, pretrain
 
-GLOBAL = dict(vocab=4096, examples_per_task=600, epochs=2, batch=32, lr=2e-3, max_len=96, seed=42)
+# pretrain_steps: span-corruption steps on the data root's train texts before the fine-tune (pretrain.py; 0: none)
+GLOBAL = dict(vocab=4096, examples_per_task=600, epochs=2, batch=32, lr=2e-3, max_len=96, seed=42,
+              pretrain_steps=0, pretrain_lr=2e-3)
 
 
 def _key(tasks, cfg: T5Config, g: dict) -> str:
     sig = {"tasks": {n: [t.n_annotations, len(t.users)] for n, t in sorted(tasks.items())}, "cfg": cfg.to_hf(),
-           "global": g, "v": 3}  # v3: BPE tokenizer
+           "global": g, "v": 3}  # v3: BPE tokenizer (pretrain_steps is in g)
     return hashlib.sha256(json.dumps(sig, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -54,19 +57,26 @@ def embedded_default(tasks: dict, cache_dir: Path, device="cpu", progress=True, 
         return load_pretrained(folder, device=device).eval(), load_tokenizer(folder), {**info, "cached": True}
     data = pooled_examples(tasks, g["examples_per_task"], g["seed"])
     texts = [x for x, _ in data] + [y for _, y in data] + [t.instruction for t in tasks.values()]
-    tok = train_tokenizer(texts, vocab_size=g["vocab"])
+    corpus = corpus_texts(tasks) if g["pretrain_steps"] else []
+    tok = train_tokenizer(texts + corpus, vocab_size=g["vocab"], extra_special=SENTINELS if corpus else ())
     cfg = T5Config.from_name("tiny", vocab_size=len(tok))
     torch.manual_seed(g["seed"])
     model = T5.from_config(cfg, seed=g["seed"]).to(device)
     with torch.no_grad():  # HF-scale init is for deep models; a smaller embedding scale trains faster here
         model.shared.weight.mul_(0.1)
+    from peftu_kernels.progress import progress as make_bar
+    if corpus:
+        bar = make_bar(g["pretrain_steps"], f"pretraining ({len(corpus)} texts)", progress)
+        info["pretrain_loss"] = pretrain(model, tok, corpus, g["pretrain_steps"], g["batch"], g["pretrain_lr"],
+                                         g["max_len"], g["seed"], device, bar)
+        info["pretrain_texts"] = len(corpus)
+        bar.close()
     enc = tok([x for x, _ in data]).input_ids
     lab = tok([y for _, y in data]).input_ids
     ex = [(x[-g["max_len"]:], y[:32]) for x, y in zip(enc, lab)]
     steps = g["epochs"] * math.ceil(len(ex) / g["batch"])
     opt = torch.optim.AdamW(model.parameters(), lr=g["lr"], weight_decay=0.01)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: linear_warmup(s, steps, steps // 20))
-    from peftu_kernels.progress import progress as make_bar
     bar = make_bar(steps, "global model", progress)
     rng = random.Random(g["seed"])
     model.train()

@@ -67,6 +67,8 @@ def parse(argv=None):
     # the intervals narrow within the same time budget (docs/benchmark.md)
     ap.add_argument("--users-per-task", type=_positive, default=12)
     ap.add_argument("--max-train", type=_positive, default=20, help="train examples per user (embedded default)")
+    ap.add_argument("--min-test", type=int, default=0,
+                    help="sample users among those with at least this many test examples first (0: any)")
     ap.add_argument("--epochs", type=_positive, default=6)
     ap.add_argument("--max-len", type=_positive, default=96)
     ap.add_argument("--max-new-tokens", type=_positive, default=12)
@@ -77,6 +79,8 @@ def parse(argv=None):
     ap.add_argument("--users-per-step", type=_positive, default=None)
     ap.add_argument("--lr", type=_lrs, default={}, help="learning-rate overrides, e.g. prompt=0.3,lora=1e-3")
     ap.add_argument("--global-examples-per-task", type=_positive, default=None)
+    ap.add_argument("--pretrain-steps", type=int, default=None,
+                    help="span-corruption steps on the data root's train texts before the global fine-tune")
     ap.add_argument("--no-progress", action="store_true")
     ap.add_argument("--verbose", action="store_true", help="name every missing data file in full")
     a = ap.parse_args(argv)
@@ -136,7 +140,8 @@ def main(argv=None):
     if a.model:
         model, tok, minfo = from_checkpoint(a.model, a.device)
     else:
-        g = {"examples_per_task": a.global_examples_per_task} if a.global_examples_per_task else None
+        g = {**({"examples_per_task": a.global_examples_per_task} if a.global_examples_per_task else {}),
+             **({"pretrain_steps": a.pretrain_steps} if a.pretrain_steps is not None else {})} or None
         if not dist.is_main():
             dist.barrier()  # rank 0 trains (or loads) the global model first; the others read its cache
         model, tok, minfo = embedded_default(tasks, Path(a.cache or out.parent / "cache"), a.device,
@@ -149,10 +154,11 @@ def main(argv=None):
            "data_root": str(data_root(a.data_dir)),
            "settings": {k: v for k, v in vars(a).items() if k not in ("progress",)}}
     run_key = json.dumps({"v": 2, "model": minfo.get("cache", minfo["model"]), **{k: getattr(a, k) for k in (
-        "users_per_task", "max_train", "epochs", "max_len", "max_new_tokens", "full", "lr")}}, sort_keys=True)
+        "users_per_task", "max_train", "epochs", "max_len", "max_new_tokens", "full", "lr", "min_test")}},
+        sort_keys=True)
     rows, timed = [], set()
     for name, task in tasks.items():
-        users = prepare(task, a.users_per_task, a.max_train)
+        users = prepare(task, a.users_per_task, a.max_train, min_test=a.min_test)
         if not users:
             notes.append(f"{name}: no user with train and test data")
             continue

@@ -17,19 +17,26 @@ class UserData:
     tokens: dict[str, list[tuple[list[int], list[int]]]] = field(default_factory=dict)
 
 
-def select_users(parts: dict, n: int | None, seed: int = 42) -> list[str]:
-    """Every user with non-empty train and test splits, or a seeded random sample of n of them."""
+def select_users(parts: dict, n: int | None, seed: int = 42, min_test: int = 0) -> list[str]:
+    """Every user with non-empty train and test splits, or a seeded random sample of n of them. With min_test
+    (part of the protocol, fixed before any run): the sample is drawn from the users with at least min_test
+    test examples first, and only if fewer than n have that many, the rest is a seeded sample of the others."""
     ok = sorted(u for u, p in parts.items() if p["train"] and p["test"])
     if n is None or n >= len(ok):
         return ok
-    return sorted(random.Random(seed).sample(ok, n))
+    rng = random.Random(seed)
+    rich = [u for u in ok if len(parts[u]["test"]) >= min_test]
+    if len(rich) >= n:
+        return sorted(rng.sample(rich, n))
+    rest = [u for u in ok if u not in set(rich)]
+    return sorted(rich + rng.sample(rest, n - len(rich)))
 
 
 def prepare(task: Task, n_users: int | None, max_train: int | None, leakage: bool = True,
-            fix_self_demo: bool = False, seed: int = 42) -> list[UserData]:
+            fix_self_demo: bool = False, seed: int = 42, min_test: int = 0) -> list[UserData]:
     parts = split_users(task.users, leakage=leakage)
     out = []
-    for u in select_users(parts, n_users, seed):
+    for u in select_users(parts, n_users, seed, min_test):
         p = parts[u]
         if max_train is not None and len(p["train"]) > max_train:  # a seeded subsample keeps labels mixed
             p = {**p, "train": sorted(random.Random(f"{seed}/{u}").sample(p["train"], max_train),

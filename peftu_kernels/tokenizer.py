@@ -10,8 +10,9 @@ from pathlib import Path
 from typing import Iterable
 
 
-def train_tokenizer(texts: Iterable[str], vocab_size: int = 4096, folder=None):
-    """Train a byte-pair model; returns a `PreTrainedTokenizerFast` that appends </s>."""
+def train_tokenizer(texts: Iterable[str], vocab_size: int = 4096, folder=None, extra_special: tuple = ()):
+    """Train a byte-pair model; returns a `PreTrainedTokenizerFast` that appends </s>. `extra_special`
+    (e.g. T5's <extra_id_k> sentinels) get the ids after unk, never split or merged."""
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -19,12 +20,13 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 4096, folder=None):
     tok.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Replace("\n", " ")])
     tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
     tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<pad>", "</s>", "<unk>"],
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<pad>", "</s>", "<unk>", *extra_special],
                                   max_token_length=16, show_progress=False)
     tok.train_from_iterator(texts, trainer)
     tok.post_processor = processors.TemplateProcessing(single="$A </s>", pair="$A </s> $B </s>",
                                                        special_tokens=[("</s>", 1)])
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>",
+                                   additional_special_tokens=list(extra_special))
     assert (fast.pad_token_id, fast.eos_token_id, fast.unk_token_id) == (0, 1, 2)
     if folder is not None:
         fast.save_pretrained(str(folder))
