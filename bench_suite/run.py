@@ -1,7 +1,8 @@
 """python -m bench_suite.run: the PEFT-U benchmark (quality against throughput and memory).
 
 With no arguments it runs the embedded default (a tiny T5 trained here on the tasks, a few users per task,
-every method) in about 20 minutes on 2 CPU cores. --full runs every task, every user, the paper's settings.
+every method) in 19 minutes on this project's 2-core machine (docs/benchmark.md). --full runs every user with the
+paper's settings.
 """
 from __future__ import annotations
 
