@@ -132,7 +132,7 @@ def summary_md(rows: list[dict], methods: list[str], env: dict, notes: list[str]
              f"Intervals: two-level bootstrap (users, then each user's test examples), {stats.B} replicates; "
              f"users per task: {n_users}. ↑ marks a cell significantly above the majority floor of its task.", "",
              "## Paired differences on the same users and examples (average over tasks)\n",
-             paired_table(avg, methods), "",
+             paired_table(avg, methods), "", resolution(avg, methods), "",
              PAPER + (EMBEDDED_NOTE if str(env.get("model", "")).startswith("embedded") else ""), "",
              "## Cost per method (averaged over tasks; time summed)\n", cost_table(s), "",
              "infer_ratio: base-model time / method time on a fixed mixed-user workload of the task's prompts "
@@ -141,6 +141,21 @@ def summary_md(rows: list[dict], methods: list[str], env: dict, notes: list[str]
     if notes:
         parts += ["## Notes\n"] + [f"- {n}" for n in notes]
     return "\n".join(parts) + "\n"
+
+
+def resolution(avg: dict, methods: list[str]) -> str:
+    """What this run can separate, from its own intervals: the 95% half-widths of the personalised methods'
+    paired differences against the majority floor (averaged over tasks)."""
+    hw = {m: (avg[m]["vs_majority"]["hi"] - avg[m]["vs_majority"]["lo"]) / 2 for m in methods
+          if m not in ("majority", "zero-shot", "few-shot") and "vs_majority" in avg.get(m, {})}
+    if not hw:
+        return ""
+    mean = sum(hw.values()) / len(hw)
+    return (f"Resolution: the paired differences against the majority floor have 95% half-widths of "
+            f"{min(hw.values()):.1f}-{max(hw.values()):.1f} points (mean {mean:.2f}). A difference larger than its "
+            f"half-width is significant; differences of about {2 * mean:.1f} points (twice the mean half-width) "
+            f"are resolved with margin, smaller ones may not be. Two methods are compared by their own paired "
+            f"difference, not by these.")
 
 
 def plot(rows: list[dict], methods: list[str], path: Path, avg: dict | None = None) -> None:

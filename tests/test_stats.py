@@ -69,3 +69,12 @@ def test_the_report_resamples_each_task_independently():
     again = [{**r, "per_example": r["per_example"]} for r in rows]
     add_stats(again)
     assert [r["ci95"] for r in again] == [r["ci95"] for r in rows]  # and the same on a second run
+
+
+def test_the_report_states_its_resolution_from_its_own_intervals():
+    from bench_suite.report import resolution
+    avg = {"lora": {"vs_majority": {"lo": -1.0, "hi": 3.0}}, "ia3": {"vs_majority": {"lo": 0.0, "hi": 6.0}},
+           "majority": {}, "zero-shot": {"vs_majority": {"lo": -9.0, "hi": -1.0}}}
+    line = resolution(avg, ["zero-shot", "majority", "lora", "ia3"])
+    assert "2.0-3.0 points (mean 2.50)" in line and "about 5.0 points" in line  # baselines left out
+    assert resolution({"majority": {}}, ["majority"]) == ""
