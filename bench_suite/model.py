@@ -12,10 +12,9 @@ import torch
 
 from peftu_kernels import T5, T5Config, load_pretrained, load_tokenizer, save_pretrained, train_tokenizer
 from peftu_kernels.optim import linear_warmup
-from peftu_kernels.train import collate, token_losses
 
 from .data import build_prompts, split_users
-from .pretrain import SENTINELS, corpus_texts, pretrain
+from .pretrain import SENTINELS, corpus_texts, pretrain, seq2seq_step
 
 # pretrain_steps: span-corruption steps on the data root's train texts before the fine-tune (pretrain.py; 0: none)
 GLOBAL = dict(vocab=4096, examples_per_task=600, epochs=2, batch=32, lr=2e-3, max_len=96, seed=42,
@@ -84,16 +83,7 @@ def embedded_default(tasks: dict, cache_dir: Path, device="cpu", progress=True, 
         order = list(range(len(ex)))
         rng.shuffle(order)
         for i in range(0, len(order), g["batch"]):
-            ids, mask, y = collate([ex[j] for j in order[i:i + g["batch"]]], device=device)
-            s, n = token_losses(model, ids, mask, y, None)
-            loss = s.sum() / n.sum()
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            sched.step()
-            opt.zero_grad()
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
+            seq2seq_step(model, opt, sched, [ex[j] for j in order[i:i + g["batch"]]], device, bar)
     bar.close()
     model.eval()
     save_pretrained(model, folder)

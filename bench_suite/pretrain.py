@@ -53,7 +53,6 @@ def pretrain(model, tok, texts: list[str], steps: int, batch: int, lr: float, ma
     import torch
 
     from peftu_kernels.optim import linear_warmup
-    from peftu_kernels.train import collate, token_losses
     sent = tok.convert_tokens_to_ids(SENTINELS)
     enc = [x[:-1][:max_len - 1] for x in tok(texts).input_ids if len(x) > 3]
     rng = random.Random(seed)
@@ -69,16 +68,24 @@ def pretrain(model, tok, texts: list[str], steps: int, batch: int, lr: float, ma
             at = 0
         ex = [span_corrupt(enc[j], sent, rng) for j in order[at:at + batch]]
         at += batch
-        ids, mask, y = collate(ex, device=device)
-        s, n = token_losses(model, ids, mask, y, None)
-        loss_t = s.sum() / n.sum()
-        loss_t.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        opt.zero_grad()
-        loss = loss_t.item()
-        if bar is not None:
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
+        loss = seq2seq_step(model, opt, sched, ex, device, bar)
     return loss
+
+
+def seq2seq_step(model, opt, sched, examples, device, bar=None) -> float:
+    """One AdamW step on (input ids, target ids) pairs: token-mean loss, gradient norm clipped at 1."""
+    import torch
+
+    from peftu_kernels.train import collate, token_losses
+    ids, mask, y = collate(examples, device=device)
+    s, n = token_losses(model, ids, mask, y, None)
+    loss = s.sum() / n.sum()
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    sched.step()
+    opt.zero_grad()
+    if bar is not None:
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
+    return loss.item()
