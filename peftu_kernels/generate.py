@@ -172,11 +172,7 @@ def sample(model: T5, input_ids, attention_mask=None, settings: Sampling | list[
             if out.logprobs[i] is not None:
                 out.logprobs[i].append(got.logprob[i])
                 out.top_logprobs[i].append(got.top[i])
-            s = rows[i].stopped(out.tokens[i])
-            if s is not None:
-                for lst in (out.tokens[i], out.logprobs[i], out.top_logprobs[i]):
-                    if lst is not None:
-                        del lst[len(lst) - len(s):]
+            s = rows[i].cut_stop(out.tokens[i], out.logprobs[i], out.top_logprobs[i])
             if t == cfg.eos_token_id or s is not None:
                 out.finish_reason[i] = "stop"
             elif step + 1 >= caps[i]:

@@ -63,6 +63,16 @@ class Sampling:
                 return s
         return None
 
+    def cut_stop(self, tokens: list[int], *per_token: list | None) -> tuple[int, ...] | None:
+        """If `tokens` ends with a stop sequence, remove it from `tokens` and from each per-token list beside it
+        (log-probabilities; None lists skipped), in place; returns the sequence or None."""
+        hit = self.stopped(tokens)
+        if hit is not None:
+            for lst in (tokens, *per_token):
+                if lst is not None:
+                    del lst[len(lst) - len(hit):]
+        return hit
+
 
 GREEDY = Sampling()
 

@@ -25,6 +25,12 @@ from fnmatch import fnmatchcase
 from pathlib import Path
 
 MIN_KEY = 16
+# the answers every front end gives (the single-process server and the Ray Serve ingress)
+UNAUTHENTICATED = "missing or invalid API key (send Authorization: Bearer KEY)"
+
+
+def denied(what: str) -> str:
+    return f"this API key may not {what}"
 ROUTES_OPENABLE = ("/health", "/metrics")
 
 

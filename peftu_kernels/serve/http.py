@@ -28,7 +28,7 @@ from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
-from .auth import Keys, Tenant, bearer
+from .auth import UNAUTHENTICATED, Keys, Tenant, bearer, denied
 from .protocol import CompletionBody, ScoreBody, completion_json, completion_request, logprobs_json, score_json
 from .scheduler import QueueFull, Request, ServingEngine, UnknownUser
 
@@ -38,7 +38,7 @@ def _error(status: int, message: str, kind: str, headers: dict | None = None) ->
 
 
 def _denied(what: str) -> JSONResponse:
-    return _error(403, f"this API key may not {what}", "permission_error")
+    return _error(403, denied(what), "permission_error")
 
 
 def json_errors(app: FastAPI) -> None:
@@ -109,8 +109,7 @@ def build_app(srv: ServingEngine, tokenizer=None, base_name: str = "base",
         if keys is not None and http.url.path not in keys.open:
             who = keys.who(bearer(http.headers.get("authorization")))
             if who is None:
-                return _error(401, "missing or invalid API key (send Authorization: Bearer KEY)",
-                              "authentication_error", {"WWW-Authenticate": "Bearer"})
+                return _error(401, UNAUTHENTICATED, "authentication_error", {"WWW-Authenticate": "Bearer"})
             http.state.tenant = who
         return await call_next(http)
 

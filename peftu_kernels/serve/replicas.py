@@ -22,7 +22,7 @@ from fastapi import FastAPI, Request as HTTPRequest
 from fastapi.responses import JSONResponse
 from ray import serve
 
-from .auth import bearer
+from .auth import UNAUTHENTICATED, bearer, denied
 from .http import json_errors
 from .protocol import (CompletionBody, Refused, ScoreBody, completion_json, completion_request, refusals, score_json,
                        stop_lists)
@@ -138,9 +138,9 @@ class Ingress:
             return None
         who = self.keys.who(bearer(http.headers.get("authorization")))
         if who is None:
-            return _err(401, "missing or invalid API key (send Authorization: Bearer KEY)", "authentication_error")
+            return _err(401, UNAUTHENTICATED, "authentication_error")
         if model is not None and not who.may_call(None if model == BASE else model):
-            return _err(403, f"this API key may not call model {model!r}", "permission_error")
+            return _err(403, denied(f"call model {model!r}"), "permission_error")
         http.state.tenant = who
         return None
 

@@ -119,12 +119,13 @@ class ServingEngine:
                  metrics_users: int = 0):
         """Limits (each refused with a ValueError naming it; the HTTP server answers 400): max_input_len tokens
         per prompt, max_new_tokens per generate request, max_labels candidates and max_label_tokens label tokens
-        in all per score request, max_n choices per generate request (and at most max_rows), max_virtual virtual tokens or prefix length per adapter (checked when it is
-        loaded and at submit: a batch never fails for a neighbour's adapter); max_rows requests decoding at
-        once, max_queue requests in flight (QueueFull beyond it). Every request ends by its deadline
-        (request_timeout seconds after arrival, or the request's own shorter `timeout`): finish_reason
-        "timeout", whatever it waited on (a queue, an adapter load, the device tier). metrics_users: how many of the
-        heaviest users get their own metric series (usage.UserMetrics; 0: none, all summed)."""
+        in all per score request, max_n choices per generate request (and at most max_rows), max_virtual
+        virtual tokens or prefix length per adapter (checked when it is loaded and at submit: a batch never fails
+        for a neighbour's adapter); max_rows requests decoding at once, max_queue requests in flight (QueueFull
+        beyond it). Every request ends by its deadline (request_timeout seconds after arrival, or the request's
+        own shorter `timeout`): finish_reason "timeout", whatever it waited on (a queue, an adapter load, the
+        device tier). metrics_users: how many of the heaviest users get their own metric series
+        (usage.UserMetrics; 0: none, all summed)."""
         if isinstance(request_timeout, bool) or not isinstance(request_timeout, (int, float)) or \
                 not request_timeout > 0:
             raise ValueError(f"ServingEngine: request_timeout must be a positive number of seconds, got "
@@ -593,11 +594,8 @@ class ServingEngine:
             a.req.times.setdefault("first_token", now)
             a.t += 1
             a.last = tok
-            hit = a.req.sampling.stopped(c.tokens) if a.req.sampling.stop else None
-            if hit is not None:  # a stop sequence is left out of the answer
-                for lst in (c.tokens, c.logprobs, c.top_logprobs):
-                    if lst is not None:
-                        del lst[len(lst) - len(hit):]
+            hit = a.req.sampling.cut_stop(c.tokens, c.logprobs, c.top_logprobs)  # left out of the answer
+            if hit is not None:
                 c.stop_reason = list(hit)
             elif a.req.stop_when is not None:
                 try:
