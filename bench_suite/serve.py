@@ -19,7 +19,7 @@ def load_run(out: Path):
     from peftu_kernels.tenancy.store import read_manifest
 
     from .data import load_task
-    from .workload import prepare
+    from .workload import run_users
     res = out / "results.jsonl"
     if not res.is_file():
         raise SystemExit(f"{res}: no finished run here; run `python -m bench_suite.run --out {out}` first")
@@ -33,7 +33,7 @@ def load_run(out: Path):
     users, heads = {}, {}
     for task_dir in sorted((out / "train").glob("*")):
         task = load_task(task_dir.name, s.get("data_dir"))
-        prompts = {ud.user: ud.prompts["test"][0][1] for ud in prepare(task, s["users_per_task"], s["max_train"])}
+        prompts = {ud.user: ud.prompts["test"][0][1] for ud in run_users(task, s)}
         for best in sorted(task_dir.glob("*/users/*/best")):
             user = (read_manifest(best) or {}).get("user")
             if user is None or user not in prompts:

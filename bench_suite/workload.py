@@ -32,15 +32,24 @@ def select_users(parts: dict, n: int | None, seed: int = 42, min_test: int = 0) 
     return sorted(rich + rng.sample(rest, n - len(rich)))
 
 
+def _subsample(ids: list[str], k: int | None, key: str) -> list[str]:
+    """A seeded subsample of k ids in their split order (keeps labels mixed), or all of them."""
+    if k is None or len(ids) <= k:
+        return ids
+    return sorted(random.Random(key).sample(ids, k), key=ids.index)
+
+
 def prepare(task: Task, n_users: int | None, max_train: int | None, leakage: bool = True,
-            fix_self_demo: bool = False, seed: int = 42, min_test: int = 0) -> list[UserData]:
+            fix_self_demo: bool = False, seed: int = 42, min_test: int = 0,
+            max_val: int | None = None) -> list[UserData]:
+    """The chosen users' splits, prompts and majority labels. max_val caps the validation split (used only to
+    pick each module's best epoch) with a seeded subsample; the test split is never cut."""
     parts = split_users(task.users, leakage=leakage)
     out = []
     for u in select_users(parts, n_users, seed, min_test):
         p = parts[u]
-        if max_train is not None and len(p["train"]) > max_train:  # a seeded subsample keeps labels mixed
-            p = {**p, "train": sorted(random.Random(f"{seed}/{u}").sample(p["train"], max_train),
-                                      key=p["train"].index)}
+        p = {**p, "train": _subsample(p["train"], max_train, f"{seed}/{u}"),
+             "val": _subsample(p["val"], max_val, f"{seed}/{u}/val")}
         samples = task.users[u]
         counts = Counter(lab for sid in p["train"] for lab in samples[sid]["label"])
         top = max(counts.values())
@@ -48,6 +57,13 @@ def prepare(task: Task, n_users: int | None, max_train: int | None, leakage: boo
                             {sid: samples[sid]["label"] for sid in p["train"] + p["val"] + p["test"]},
                             sorted(k for k, c in counts.items() if c == top)[0]))
     return out
+
+
+def run_users(task: Task, settings: dict) -> list[UserData]:
+    """The users a run with these settings (its `env.settings`, or vars() of its options) prepares: the one
+    place the run and the server that serves its modules agree on (runs older than an option get its off value)."""
+    return prepare(task, settings["users_per_task"], settings["max_train"], min_test=settings.get("min_test", 0),
+                   max_val=settings.get("max_val"))
 
 
 def tokenize(users: list[UserData], tokenizer, max_len: int, truncate_left: bool) -> None:
