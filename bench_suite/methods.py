@@ -114,7 +114,9 @@ def run_baseline(kind, model, tok, task, users, a) -> Outcome:
     return Outcome(acc, throughput=tp)
 
 
-def run_peft(method, model, tok, task, users, a, train_dir) -> Outcome:
+def train_modules(method, model, users, a, train_dir) -> tuple[dict, TrainConfig]:
+    """Every user's module of `method`, trained together (the run's settings `a`; its per-method learning rate
+    unless `a.lr` names one); checkpoints and validation histories under train_dir."""
     hp = {} if a.full else SMALL_HP.get(method, {})
     lr = a.lr.get(method, 2e-5 if a.full else SMALL_LR.get(method, DEFAULT_SMALL_LR))
     cfg = TrainConfig(lr=lr) if a.full else TrainConfig(epochs=a.epochs, batch_size=8, lr=lr,
@@ -122,8 +124,12 @@ def run_peft(method, model, tok, task, users, a, train_dir) -> Outcome:
     init = {ud.user: new_module(model, method, ud.user, 42, **hp) for ud in users}
     data = {ud.user: {"train": ud.tokens["train"], "val": ud.tokens["val"]} for ud in users}
     trainer = MultiUserTrainer(model, cfg, train_dir, backend=a.backend, progress=a.progress)
+    return trainer.train(data, init), cfg
+
+
+def run_peft(method, model, tok, task, users, a, train_dir) -> Outcome:
     t0 = time.perf_counter()
-    mods = trainer.train(data, init)
+    mods, cfg = train_modules(method, model, users, a, train_dir)
     train_s = time.perf_counter() - t0
     n_ex = sum(len(ud.tokens["train"]) for ud in users) * cfg.epochs
     eng = Engine(model, backend=a.backend)

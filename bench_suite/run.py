@@ -101,6 +101,12 @@ def parse(argv=None):
     return a
 
 
+def global_settings(a) -> dict | None:
+    """The global model's settings these options change (None: the embedded default's)."""
+    return {**({"examples_per_task": a.global_examples_per_task} if a.global_examples_per_task else {}),
+            **({"pretrain_steps": a.pretrain_steps} if a.pretrain_steps is not None else {})} or None
+
+
 def merge(outcomes: list) -> Outcome:
     """One outcome from every rank's (each over its own users): per-user results joined, training wall time
     the slowest rank's and throughput the sum, the timed workload rank 0's."""
@@ -149,8 +155,7 @@ def main(argv=None):
     if a.model:
         model, tok, minfo = from_checkpoint(a.model, a.device)
     else:
-        g = {**({"examples_per_task": a.global_examples_per_task} if a.global_examples_per_task else {}),
-             **({"pretrain_steps": a.pretrain_steps} if a.pretrain_steps is not None else {})} or None
+        g = global_settings(a)
         if not dist.is_main():
             dist.barrier()  # rank 0 trains (or loads) the global model first; the others read its cache
         model, tok, minfo = embedded_default(tasks, Path(a.cache or out.parent / "cache"), a.device,
