@@ -152,7 +152,8 @@ def resolution(avg: dict, methods: list[str]) -> str:
         return ""
     mean = sum(hw.values()) / len(hw)
     return (f"Resolution: the paired differences against the majority floor have 95% half-widths of "
-            f"{min(hw.values()):.1f}-{max(hw.values()):.1f} points (mean {mean:.2f}). A difference larger than its "
+            f"{min(hw.values()):.1f}-{max(hw.values()):.1f} points (mean {mean:.2f}; "
+            + ", ".join(f"{m} {v:.2f}" for m, v in hw.items()) + "). A difference larger than its "
             f"half-width is significant; differences of about {2 * mean:.1f} points (twice the mean half-width) "
             f"are resolved with margin, smaller ones may not be. Two methods are compared by their own paired "
             f"difference, not by these.")

@@ -76,5 +76,5 @@ def test_the_report_states_its_resolution_from_its_own_intervals():
     avg = {"lora": {"vs_majority": {"lo": -1.0, "hi": 3.0}}, "ia3": {"vs_majority": {"lo": 0.0, "hi": 6.0}},
            "majority": {}, "zero-shot": {"vs_majority": {"lo": -9.0, "hi": -1.0}}}
     line = resolution(avg, ["zero-shot", "majority", "lora", "ia3"])
-    assert "2.0-3.0 points (mean 2.50)" in line and "about 5.0 points" in line  # baselines left out
+    assert "2.0-3.0 points (mean 2.50; lora 2.00, ia3 3.00)" in line and "about 5.0 points" in line  # no baselines
     assert resolution({"majority": {}}, ["majority"]) == ""
