@@ -1,8 +1,8 @@
 """python -m bench_suite.run: the PEFT-U benchmark (quality against throughput and memory).
 
 With no arguments it runs the embedded default (a tiny T5 trained here on the tasks, a few users per task,
-every method) in 20 minutes on this project's 2-core machine (docs/benchmark.md). --full runs every user with the
-paper's settings.
+every method) in the time README states (measured on this project's 2-core machine; docs/benchmark.md). --full
+runs every user with the paper's settings.
 """
 from __future__ import annotations
 
