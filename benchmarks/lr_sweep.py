@@ -33,13 +33,13 @@ def main(argv=None):
     ap.add_argument("rest", nargs=argparse.REMAINDER, help="-- then bench_suite.run options")
     a = ap.parse_args(argv)
     from bench_suite import run
-    from bench_suite.data import available
+    from bench_suite.data import DataError, MissingData, available
     from bench_suite.methods import DEFAULT_SMALL_LR, SMALL_LR, train_modules
     from bench_suite.model import embedded_default
     from bench_suite.workload import run_users, tokenize
     s = run.parse([x for x in a.rest if x != "--"] + ["--no-progress"])
     tasks = {n: t for n, t in available(s.data_dir, a.tasks.split(",") if a.tasks else None).items()
-             if hasattr(t, "users")}
+             if not isinstance(t, (MissingData, DataError))}  # the tasks the run would run
     out = Path(a.out)
     model, tok, _ = embedded_default(tasks, Path(s.cache or out.parent / "cache"), s.device, False,
                                      run.global_settings(s))
